@@ -1,0 +1,288 @@
+"""Typed, validated run configuration loaded from YAML with ``key.sub=value`` overrides.
+
+A bad config fails here, before Ray starts, with a message that names the file and the field:
+
+    ConfigError: configs/x.yaml: tasks.1.kind: Input should be 'sequence_classification', ...
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+TaskKindName = Literal[
+    "sequence_classification", "token_classification", "multi_label", "regression"
+]
+SourceType = Literal["atis", "rotten_tomatoes", "bbc", "csv", "jsonl", "parquet", "conll", "hf_disk"]
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message names the file and the field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SourceSpec(_Strict):
+    """Where a task's examples come from.
+
+    Embedded sources (``atis``, ``rotten_tomatoes``, ``bbc``) come from PyPI data packages.
+    File sources take ``path`` (one file, split by the reader) or ``train``/``validation``/``test``
+    paths, and a ``columns`` mapping from the reader's names (``text``, ``label``) to the file's.
+    """
+
+    type: SourceType
+    field: Literal["intent", "slots"] | None = None  # atis only: which label the task uses
+    path: str | None = None
+    train: str | None = None
+    validation: str | None = None
+    test: str | None = None
+    columns: dict[str, str] = Field(default_factory=dict)
+    # drop exact duplicate texts (keeps the first) before splitting, so no text is in two splits;
+    # default: on, except for ATIS, whose standard train/test split is kept as published
+    dedup: bool | None = None
+    label_separator: str = ";"  # multi_label: how several labels are joined in one cell
+
+    @model_validator(mode="after")
+    def _check(self) -> SourceSpec:
+        if self.type == "atis" and self.field is None:
+            raise ValueError("source.field is required for type 'atis' (intent or slots)")
+        if self.type in ("csv", "jsonl", "parquet", "conll", "hf_disk"):
+            if not (self.path or self.train):
+                raise ValueError(f"source.path (or source.train) is required for type {self.type!r}")
+        if self.dedup is None:
+            self.dedup = self.type != "atis"
+        bad = set(self.columns) - {"text", "label", "tokens", "tags"}
+        if bad:
+            raise ValueError(f"source.columns: unknown reader name(s) {sorted(bad)}; use text, label, tokens, tags")
+        return self
+
+    def files(self) -> list[str]:
+        return [p for p in (self.path, self.train, self.validation, self.test) if p]
+
+
+class TaskSpec(_Strict):
+    """One task: a name, a kind, a source and its share of the training loss."""
+
+    name: str = Field(pattern=r"^[A-Za-z][A-Za-z0-9_]*$")
+    kind: TaskKindName
+    source: SourceSpec
+    weight: float = Field(1.0, gt=0)  # static loss weight λ
+    max_length: int | None = Field(None, ge=8, le=4096)  # tokens; defaults to model.max_length
+    max_examples: int | None = Field(None, ge=1)  # per split cap (train; val/test get a tenth, at least 50)
+    head_dropout: float = Field(0.1, ge=0, lt=1)
+    pooling: Literal["mean", "cls"] = "mean"  # sentence tasks: how token states become one vector
+
+
+class ModelSpec(_Strict):
+    encoder: str = "minilm"  # "minilm" (embedded package) or a directory with config.json
+    max_length: int = Field(128, ge=8, le=4096)  # tokens, the default for every task
+
+
+class DataSpec(_Strict):
+    validation_fraction: float = Field(0.1, gt=0, lt=0.5)
+    test_fraction: float = Field(0.1, gt=0, lt=0.5)
+    tokenize_batch_size: int = Field(256, ge=1)  # rows per map_batches call
+
+
+class TrainSpec(_Strict):
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    num_workers: int = Field(1, ge=1)
+    cpus_per_worker: float = Field(1.0, gt=0)
+    use_gpu: bool | Literal["auto"] = "auto"  # auto: GPUs when the cluster has them
+    batch_size: int = Field(32, ge=1)  # global examples per task batch (split across workers)
+    grad_accum: int = Field(1, ge=1)
+    max_steps: int = Field(1000, ge=1)  # optimizer steps
+    lr: float = Field(5e-5, gt=0)
+    head_lr: float | None = Field(None, gt=0)  # defaults to lr
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_ratio: float = Field(0.06, ge=0, lt=1)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    sampling: Literal["joint", "proportional", "temperature", "round_robin", "annealed"] = "temperature"
+    temperature: float = Field(2.0, gt=0)
+    weighting: Literal["static", "uncertainty", "dwa", "pcgrad"] = "static"
+    dwa_temperature: float = Field(2.0, gt=0)
+    comm_hook: Literal["none", "fp16", "bf16"] = "none"
+    eval_every: int = Field(200, ge=1)  # optimizer steps between validations
+    eval_batch_size: int = Field(128, ge=1)
+    patience: int | None = Field(5, ge=1)  # evaluations without improvement before stopping
+    objective: str = "mean"  # "mean" of primary validation metrics, or "<task>.<metric>"
+    max_failures: int = Field(2, ge=0)
+    seed: int = 13
+    threads_per_worker: int | None = Field(None, ge=1)  # torch intra-op threads; None: cpus_per_worker
+
+
+class SearchSpace(_Strict):
+    lr: tuple[float, float] = (1e-5, 2e-4)  # log-uniform bounds
+    task_weights: bool = True  # sample λ on the simplex, scaled to sum to the number of tasks
+    warmup_ratio: list[float] | None = None
+    batch_size: list[int] | None = None
+    temperature: list[float] | None = None
+
+
+class TuneSpec(_Strict):
+    num_samples: int = Field(4, ge=1)
+    search: Literal["random", "optuna"] = "random"
+    max_concurrent: int | None = Field(None, ge=1)  # None: as many as the cluster fits
+    grace_period: int = Field(1, ge=1)  # evaluations before ASHA may stop a trial
+    reduction_factor: int = Field(2, ge=2)
+    space: SearchSpace = Field(default_factory=SearchSpace)
+
+
+class ServeSpec(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    max_batch_size: int = Field(32, ge=1)
+    batch_wait_timeout_s: float = Field(0.01, ge=0)
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(2, ge=1)
+    target_ongoing_requests: float = Field(8, gt=0)
+    max_ongoing_requests: int = Field(128, ge=1)
+    num_cpus: float = Field(1.0, gt=0)
+    num_gpus: float = Field(0.0, ge=0)
+    max_texts: int = Field(64, ge=1)  # texts per request
+    max_chars: int = Field(5000, ge=1)  # characters per text; longer is a 413
+    max_body_bytes: int = Field(1_000_000, ge=1024)
+    quantize: bool = False  # int8 dynamic quantization of the encoder's Linear layers (CPU)
+    token_env: str = "MTL_RAY_TOKEN"  # bearer token read from this variable, when set
+
+
+class MlflowSpec(_Strict):
+    tracking_uri: str = "sqlite:///mlflow.db"
+    experiment: str = "mtl-ray"
+    registered_model: str = "mtl-ray"
+    enabled: bool = True
+
+
+class RunConfig(_Strict):
+    name: str = "mtl-run"
+    output_dir: str = "runs"
+    seed: int = 13
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    data: DataSpec = Field(default_factory=DataSpec)
+    tasks: list[TaskSpec]
+    train: TrainSpec = Field(default_factory=TrainSpec)
+    tune: TuneSpec | None = None
+    serve: ServeSpec = Field(default_factory=ServeSpec)
+    mlflow: MlflowSpec = Field(default_factory=MlflowSpec)
+
+    @field_validator("tasks")
+    @classmethod
+    def _unique_tasks(cls, tasks: list[TaskSpec]) -> list[TaskSpec]:
+        if not tasks:
+            raise ValueError("at least one task is required")
+        names = [t.name for t in tasks]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"duplicate task name(s) {dup}")
+        return tasks
+
+    @model_validator(mode="after")
+    def _check_objective(self) -> RunConfig:
+        obj = self.train.objective
+        if obj != "mean":
+            task = obj.split(".", 1)[0]
+            if "." not in obj or task not in self.task_names:
+                raise ValueError(f"train.objective {obj!r}: use 'mean' or '<task>.<metric>' with a task of this config")
+        return self
+
+    @property
+    def task_names(self) -> list[str]:
+        return [t.name for t in self.tasks]
+
+    def task(self, name: str) -> TaskSpec:
+        for t in self.tasks:
+            if t.name == name:
+                return t
+        raise KeyError(name)
+
+    def max_length(self, task: TaskSpec) -> int:
+        return task.max_length or self.model.max_length
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+def _parse_scalar(text: str) -> Any:
+    return yaml.safe_load(text) if text != "" else ""
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` overrides (YAML-typed values; list items by index, ``tasks.0.weight=2``)."""
+    out = copy.deepcopy(raw)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key.sub=value")
+        key, value = item.split("=", 1)
+        parts = key.strip().split(".")
+        node: Any = out
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise ConfigError(f"override {key!r}: {part!r} is not an index of {'.'.join(parts[:i])}")
+                if last:
+                    node[int(part)] = _parse_scalar(value)
+                else:
+                    node = node[int(part)]
+            elif isinstance(node, dict):
+                if last:
+                    node[part] = _parse_scalar(value)
+                else:
+                    if node.get(part) is None:
+                        node[part] = {}
+                    node = node[part]
+            else:
+                raise ConfigError(f"override {key!r}: {'.'.join(parts[:i])} is not a mapping")
+    return out
+
+
+def _format_errors(err: ValidationError, origin: str) -> str:
+    lines = []
+    for e in err.errors():
+        field = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        lines.append(f"{origin}: {field}: {e['msg']}")
+    return "\n".join(lines)
+
+
+def config_from_dict(raw: dict[str, Any], origin: str = "<config>") -> RunConfig:
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, origin)) from None
+
+
+def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> RunConfig:
+    """Read, override and validate a YAML config. Relative data paths resolve against the YAML's folder
+    when they exist there, else against the working directory."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    raw = apply_overrides(raw, overrides or [])
+    cfg = config_from_dict(raw, str(path))
+    for i, task in enumerate(cfg.tasks):
+        src = task.source
+        for attr in ("path", "train", "validation", "test"):
+            value = getattr(src, attr)
+            if value and not Path(value).is_absolute() and not Path(value).exists():
+                candidate = path.parent / value
+                if candidate.exists():
+                    setattr(src, attr, str(candidate))
+        for attr in ("path", "train", "validation", "test"):
+            value = getattr(src, attr)
+            if value and not Path(value).exists():
+                raise ConfigError(f"{path}: tasks.{i}.source.{attr}: file not found: {value}")
+    return cfg

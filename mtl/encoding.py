@@ -1,0 +1,39 @@
+"""Tokenization shared by training and serving: texts are split on whitespace into words (with
+character spans), the fast tokenizer runs on the words, and labels align to the first subword."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import numpy as np
+
+from mtl.tasks import TaskKind
+
+_WORD = re.compile(r"\S+")
+
+
+def split_words(text: str) -> tuple[list[str], list[tuple[int, int]]]:
+    """Whitespace words and their [start, end) character offsets in ``text``."""
+    matches = list(_WORD.finditer(text))
+    return [m.group() for m in matches], [m.span() for m in matches]
+
+
+def tokenize_words(tokenizer, words: list[list[str]], max_length: int, padding: str | bool = "max_length"):
+    """The fast tokenizer on pre-split words; truncation at ``max_length`` tokens."""
+    return tokenizer(words, is_split_into_words=True, truncation=True, max_length=max_length,
+                     padding=padding, return_attention_mask=True)
+
+
+def encode_batch(tokenizer, kind: TaskKind, texts: list[str], raw_labels: list[Any],
+                 max_length: int) -> dict[str, np.ndarray]:
+    """Token ids, attention mask and aligned labels for one batch, padded to ``max_length``:
+    input_ids/attention_mask int64 [B, L]; labels as the kind encodes them."""
+    words = [t.split() for t in texts]
+    enc = tokenize_words(tokenizer, words, max_length)
+    word_ids = [enc.word_ids(i) for i in range(len(texts))]
+    return {
+        "input_ids": np.asarray(enc["input_ids"], dtype=np.int64),
+        "attention_mask": np.asarray(enc["attention_mask"], dtype=np.int64),
+        "labels": kind.encode_labels(raw_labels, word_ids, max_length),
+    }

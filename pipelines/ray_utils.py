@@ -1,0 +1,46 @@
+"""Starting or joining Ray with the settings that keep a laptop run on loopback and quiet."""
+
+from __future__ import annotations
+
+import os
+
+# Keep a local Ray on 127.0.0.1, send no usage stats, and no progress-bar floods.
+RAY_ENV = {
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "RAY_TRAIN_V2_ENABLED": "1",
+}
+
+
+def set_ray_env() -> None:
+    for key, value in RAY_ENV.items():
+        os.environ.setdefault(key, value)
+
+
+def runtime_env() -> dict:
+    """Environment variables every Ray worker, trial and replica gets."""
+    return {"env_vars": {k: os.environ.get(k, v) for k, v in RAY_ENV.items()}}
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs):
+    """Join ``address`` (or ``RAY_ADDRESS``, or the cluster a ``ray job submit`` runs in), else start
+    a local Ray on loopback. Locally, CPUs are oversubscribed to at least 4 logical ones so Ray Data
+    tasks can run beside training workers (on 2 physical cores a 2-worker fit otherwise starves)."""
+    set_ray_env()
+    import ray
+
+    if ray.is_initialized():
+        return ray
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, runtime_env=runtime_env(), **kwargs)
+        return ray
+    cpus = num_cpus or max(4, os.cpu_count() or 1)
+    ray.init(num_cpus=cpus, object_store_memory=kwargs.pop("object_store_memory", 1 << 30),
+             include_dashboard=kwargs.pop("include_dashboard", True), dashboard_host="127.0.0.1",
+             runtime_env=runtime_env(), log_to_driver=kwargs.pop("log_to_driver", True), **kwargs)
+    return ray

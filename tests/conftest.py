@@ -1,0 +1,81 @@
+"""Shared fixtures: a tiny randomly initialised BERT built at test time, small synthetic tasks,
+and one local Ray per test session (Ray start-up costs seconds)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def build_tiny_encoder(path: Path, seed: int = 0) -> Path:
+    """A BERT with hidden 32, 2 layers, 2 heads, intermediate 64 and the MiniLM tokenizer,
+    saved with save_pretrained (about 1 M parameters, mostly the embedding table)."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from mtl.packages import minilm_dir
+
+    tok = AutoTokenizer.from_pretrained(str(minilm_dir()))
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2,
+                        num_attention_heads=2, intermediate_size=64, max_position_embeddings=512)
+    BertModel(config, add_pooling_layer=False).save_pretrained(str(path))
+    tok.save_pretrained(str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder(tmp_path_factory) -> Path:
+    return build_tiny_encoder(tmp_path_factory.mktemp("tiny-bert"))
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray for the whole test session (4 logical CPUs so Ray Data runs beside workers)."""
+    from pipelines.ray_utils import init_ray
+
+    ray = init_ray(num_cpus=4, log_to_driver=False)
+    yield ray
+    try:
+        from ray import serve
+
+        serve.shutdown()
+    except Exception:
+        pass
+    ray.shutdown()
+
+
+QUICK_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "quick.yaml"
+
+
+@pytest.fixture(scope="session")
+def quick_data():
+    """The quick config's four embedded tasks, read and split (no Ray)."""
+    from mtl.config import load_config
+    from pipelines.data import read_tasks
+
+    cfg = load_config(QUICK_CONFIG)
+    return cfg, read_tasks(cfg)
+
+
+@pytest.fixture(scope="session")
+def tiny_artifact(tmp_path_factory, tiny_encoder, quick_data) -> Path:
+    """An untrained tiny multi-task model with the four embedded tasks' label sets, saved as an artifact."""
+    from transformers import AutoTokenizer
+
+    from mtl.model import MultiTaskModel
+    from pipelines.data import task_infos
+
+    cfg, data = quick_data
+    model = MultiTaskModel.from_encoder(tiny_encoder, task_infos(cfg, data), seed=0)
+    path = tmp_path_factory.mktemp("artifact") / "model"
+    model.save(path, AutoTokenizer.from_pretrained(str(tiny_encoder)))
+    return path
