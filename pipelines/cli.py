@@ -1,0 +1,121 @@
+"""``mtl-ray``: the command line.
+
+    mtl-ray data  --config configs/quick.yaml            # split sizes and label counts, Ray Data tokenization
+    mtl-ray train --config configs/quick.yaml [k.sub=v]  # one training run on Ray Train
+    mtl-ray tune  --config configs/quick.yaml            # a Ray Tune sweep, winner registered as champion
+    mtl-ray run   --config configs/quick.yaml [--serve]  # data -> sweep/train -> test -> register (-> serve)
+    mtl-ray serve --model models:/mtl-ray-quick@champion # Ray Serve on 127.0.0.1:8000
+
+Config errors, missing data packages and wrong columns are reported before Ray starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from mtl.config import ConfigError, RunConfig, load_config
+from mtl.packages import MissingPackageError
+from mtl.readers import DataError
+
+
+def _config(args) -> RunConfig:
+    cfg = load_config(args.config, args.overrides)
+    from pipelines.data import check_environment
+
+    check_environment(cfg)
+    return cfg
+
+
+def cmd_data(args) -> int:
+    from pipelines.data import run_data
+
+    result = run_data(_config(args), tokenize=not args.no_tokenize)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    return 0
+
+
+def cmd_train(args) -> int:
+    from pipelines.train import run_training
+
+    result = run_training(_config(args), resume=args.resume)
+    print(json.dumps(result.get("test_metrics", {}), indent=2))
+    return 0
+
+
+def cmd_tune(args) -> int:
+    from tune.sweep import run_sweep
+
+    result = run_sweep(_config(args), resume=args.resume)
+    print(json.dumps({k: v for k, v in result.items() if k != "table"}, indent=2, default=str))
+    return 0
+
+
+def cmd_run(args) -> int:
+    from pipelines.run import run_pipeline
+
+    run_pipeline(_config(args), serve=args.serve)
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from serve.app import run_server
+
+    cfg = load_config(args.config, args.overrides) if args.config else None
+    run_server(args.model, cfg, host=args.host, port=args.port, quantize=args.quantize,
+               tracking_uri=args.tracking_uri, blocking=True)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mtl-ray", description="Multi-task fine-tuning on Ray.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def with_config(p, required=True):
+        p.add_argument("--config", required=required, help="YAML run config")
+        p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.max_steps=100")
+        return p
+
+    p = with_config(sub.add_parser("data", help="read, split and tokenize every task; print sizes and label counts"))
+    p.add_argument("--no-tokenize", action="store_true", help="stop after reading and splitting (no Ray)")
+    p.add_argument("--json", action="store_true", help="also print the counts as JSON")
+    p.set_defaults(func=cmd_data)
+
+    p = with_config(sub.add_parser("train", help="one training run on Ray Train"))
+    p.add_argument("--resume", action="store_true", help="continue the run in output_dir/name from its last checkpoint")
+    p.set_defaults(func=cmd_train)
+
+    p = with_config(sub.add_parser("tune", help="a Ray Tune sweep; the best trial is registered as champion"))
+    p.add_argument("--resume", action="store_true", help="restore an interrupted sweep")
+    p.set_defaults(func=cmd_tune)
+
+    p = with_config(sub.add_parser("run", help="the whole pipeline: data, sweep or train, test, register"))
+    p.add_argument("--serve", action="store_true", help="serve the champion afterwards and print a sample request")
+    p.set_defaults(func=cmd_run)
+
+    p = with_config(sub.add_parser("serve", help="serve a model artifact or models:/ URI on Ray Serve"), required=False)
+    p.add_argument("--model", required=True, help="artifact directory, models:/<name>@<alias> or runs:/<id>/model")
+    p.add_argument("--host", default=None, help="bind address (default 127.0.0.1 or the config's serve.host)")
+    p.add_argument("--port", type=int, default=None)
+    p.add_argument("--quantize", action="store_true", default=None, help="int8 dynamic quantization (CPU)")
+    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI for models:/ URIs")
+    p.set_defaults(func=cmd_serve)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from pipelines.ray_utils import set_ray_env
+
+    set_ray_env()
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, MissingPackageError, DataError, FileNotFoundError) as err:
+        print(f"mtl-ray: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
