@@ -114,27 +114,28 @@ def read_bbc(spec: SourceSpec) -> list[Row]:
 # ---------------------------------------------------------------- user files
 
 
-def _column(df_cols: list[str], spec: SourceSpec, name: str, where: str) -> str:
+def _column(df_cols: list[str], spec: SourceSpec, name: str, where: str, path: str = "") -> str:
     col = spec.columns.get(name, name)
     if col not in df_cols:
-        raise DataError(f"{where}.columns.{name}: column {col!r} is not in the file (it has {df_cols})")
+        raise DataError(f"{where}.columns.{name}: column {col!r} is not in {path or 'the file'} (it has {df_cols})")
     return col
 
 
-def _table_rows(records: list[dict[str, Any]], spec: SourceSpec, kind: str, where: str) -> list[Row]:
+def _table_rows(records: list[dict[str, Any]], spec: SourceSpec, kind: str, where: str,
+                path: str = "") -> list[Row]:
     cols = list(records[0].keys()) if records else []
     rows: list[Row] = []
     if kind == "token_classification":
-        tcol = _column(cols, spec, "tokens", where)
-        gcol = _column(cols, spec, "tags", where)
+        tcol = _column(cols, spec, "tokens", where, path)
+        gcol = _column(cols, spec, "tags", where, path)
         for r in records:
             toks, tags = list(r[tcol]), list(r[gcol])
             if len(toks) != len(tags):
-                raise DataError(f"{where}: a row has {len(toks)} tokens but {len(tags)} tags")
+                raise DataError(f"{where}: {path}: a row has {len(toks)} tokens but {len(tags)} tags")
             rows.append({"text": " ".join(str(t) for t in toks), "label": [str(t) for t in tags]})
         return rows
-    xcol = _column(cols, spec, "text", where)
-    ycol = _column(cols, spec, "label", where)
+    xcol = _column(cols, spec, "text", where, path)
+    ycol = _column(cols, spec, "label", where, path)
     for r in records:
         text, lab = r[xcol], r[ycol]
         if text is None or lab is None:
@@ -182,7 +183,7 @@ def read_file(path: str, spec: SourceSpec, kind: str, where: str) -> list[Row]:
         records = pd.read_parquet(path).to_dict("records")
     else:
         raise DataError(f"{where}.type: {spec.type!r} is not a file reader")
-    return _table_rows(records, spec, kind, where)
+    return _table_rows(records, spec, kind, where, path)
 
 
 def read_hf_disk(path: str, spec: SourceSpec, kind: str, where: str) -> dict[str, list[Row]]:
@@ -191,7 +192,7 @@ def read_hf_disk(path: str, spec: SourceSpec, kind: str, where: str) -> dict[str
 
     obj = datasets.load_from_disk(path)
     parts = dict(obj) if isinstance(obj, datasets.DatasetDict) else {"all": obj}
-    return {name: _table_rows(ds.to_list(), spec, kind, where) for name, ds in parts.items()}
+    return {name: _table_rows(ds.to_list(), spec, kind, where, path) for name, ds in parts.items()}
 
 
 # ---------------------------------------------------------------- splitting
@@ -285,9 +286,9 @@ def read_task(task: TaskSpec, data: DataSpec, seed: int, where: str = "") -> Tas
         elif spec.type == "hf_disk":
             given = read_hf_disk(spec.path or spec.train, spec, task.kind, where)
         elif spec.path:
-            given = {"all": read_file(spec.path, spec, task.kind, where + ".path")}
+            given = {"all": read_file(spec.path, spec, task.kind, where)}
         else:
-            given = {s: read_file(getattr(spec, s), spec, task.kind, f"{where}.{s}")
+            given = {s: read_file(getattr(spec, s), spec, task.kind, where)
                      for s in SPLITS if getattr(spec, s)}
         stats = {"read": sum(len(v) for v in given.values()), "duplicates_dropped": 0}
         if spec.dedup:
