@@ -82,7 +82,9 @@ class TokenClassification(TaskKind):
         if not refs:
             return {}
         rep = classification_report(refs, preds, output_dict=True, zero_division=0)
-        return {k: {m: (int(v) if m == "support" else float(v)) for m, v in d.items()} for k, d in rep.items()}
+        # the same keys as the other kinds' reports (seqeval says "f1-score")
+        return {k: {("f1" if m == "f1-score" else m): (int(v) if m == "support" else float(v)) for m, v in d.items()}
+                for k, d in rep.items()}
 
     def word_tags(self, logits: torch.Tensor, word_ids: list[int | None]) -> tuple[list[str], list[float]]:
         """Tag and probability of each word, read at its first subword ([T, n] logits)."""
