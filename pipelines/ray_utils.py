@@ -31,8 +31,11 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs):
     a local Ray on loopback. Locally, CPUs are oversubscribed to at least 4 logical ones so Ray Data
     tasks can run beside training workers (on 2 physical cores a 2-worker fit otherwise starves)."""
     set_ray_env()
+    import logging
+
     import ray
 
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
     if ray.is_initialized():
         return ray
     address = address or os.environ.get("RAY_ADDRESS")
