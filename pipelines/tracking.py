@@ -169,11 +169,11 @@ def model_card(cfg: RunConfig, results: dict[str, dict[str, Any]], sizes: dict[s
 
 def log_model(run_id: str, artifact_dir: str | Path, name: str = "model") -> str:
     """Log the artifact as an MLflow pyfunc model (models from code) in ``run_id``; returns its URI."""
+    import warnings
+
     import mlflow
 
     import mtl.pyfunc_model as code
-
-    import warnings
 
     warnings.filterwarnings("ignore", message=".*type hints to the `predict` method.*")
     with mlflow.start_run(run_id=run_id):
