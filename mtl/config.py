@@ -134,6 +134,9 @@ class TuneSpec(_Strict):
     grace_period: int = Field(1, ge=1)  # evaluations before ASHA may stop a trial
     reduction_factor: int = Field(2, ge=2)
     space: SearchSpace = Field(default_factory=SearchSpace)
+    # after the sweep, one more full-budget trial with every λ = 1 and the best trial's lr,
+    # to compare tuned weights against equal weights on the validation objective
+    compare_equal: bool = False
 
 
 class ServeSpec(_Strict):
