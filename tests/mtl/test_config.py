@@ -1,0 +1,216 @@
+"""mtl.config: valid configs load, overrides apply, and every error names the file and the field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mtl.config import ConfigError, apply_overrides, config_from_dict, load_config
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+QUICK = CONFIGS / "quick.yaml"
+FULL = CONFIGS / "atis_sentiment_news.yaml"
+
+
+def write(tmp_path: Path, raw, name: str = "run.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(raw if isinstance(raw, str) else yaml.safe_dump(raw))
+    return path
+
+
+def csv_task(path: str, **extra) -> dict:
+    return {"name": "reviews", "kind": "sequence_classification",
+            "source": {"type": "csv", "path": path, **extra}}
+
+
+def test_quick_config_loads_with_its_values():
+    cfg = load_config(QUICK)
+    assert cfg.task_names == ["intent", "slots", "sentiment", "topic"]
+    assert [t.kind for t in cfg.tasks] == ["sequence_classification", "token_classification",
+                                           "sequence_classification", "sequence_classification"]
+    assert cfg.tasks[1].source.type == "atis" and cfg.tasks[1].source.field == "slots"
+    assert cfg.model.max_length == 48
+    assert cfg.max_length(cfg.task("topic")) == 128
+    assert cfg.max_length(cfg.task("intent")) == 48
+    raw = yaml.safe_load(QUICK.read_text())
+    assert cfg.task("topic").max_examples == raw["tasks"][3]["max_examples"]
+    assert cfg.train.max_steps == raw["train"]["max_steps"]
+    assert cfg.train.sampling == raw["train"]["sampling"]
+    assert cfg.tune is not None and cfg.tune.num_samples == raw["tune"]["num_samples"]
+    # ATIS keeps its published split as is (no dedup); the other sources dedup by default
+    assert cfg.task("intent").source.dedup is False
+    assert cfg.task("sentiment").source.dedup is True
+
+
+def test_full_config_loads_with_its_values():
+    cfg = load_config(FULL)
+    raw = yaml.safe_load(FULL.read_text())  # the validated config carries the file's values
+    assert cfg.name == raw["name"] == "atis-sentiment-news"
+    assert [(t.name, t.kind, t.source.type) for t in cfg.tasks] == [
+        ("intent", "sequence_classification", "atis"), ("slots", "token_classification", "atis"),
+        ("sentiment", "sequence_classification", "rotten_tomatoes"), ("topic", "sequence_classification", "bbc")]
+    assert [cfg.max_length(t) for t in cfg.tasks] == [
+        t.get("max_length", raw["model"]["max_length"]) for t in raw["tasks"]]
+    assert cfg.train.max_steps == raw["train"]["max_steps"]
+    assert cfg.train.lr == raw["train"]["lr"] and cfg.train.head_lr == raw["train"]["head_lr"]
+    assert cfg.tune.search == raw["tune"]["search"]
+    assert cfg.tune.space.lr == tuple(raw["tune"]["space"]["lr"])
+    assert cfg.task_names == [t["name"] for t in raw["tasks"]]
+    assert cfg.to_dict()["tasks"][3]["source"]["type"] == "bbc"
+    assert cfg.data.validation_fraction == cfg.data.test_fraction == 0.1
+
+
+def test_overrides_are_typed_and_index_lists():
+    cfg = load_config(QUICK, ["train.max_steps=5", "tasks.0.weight=2", "train.lr=3e-4",
+                              "train.use_gpu=false", "tasks.3.source.dedup=false"])
+    assert cfg.train.max_steps == 5 and isinstance(cfg.train.max_steps, int)
+    assert cfg.tasks[0].weight == 2.0
+    assert cfg.tasks[1].weight == 1.0
+    assert cfg.train.lr == pytest.approx(3e-4)
+    assert cfg.train.use_gpu is False
+    assert cfg.tasks[3].source.dedup is False
+
+
+def test_override_creates_missing_sections_and_leaves_input_alone():
+    raw = {"tasks": [{"name": "a"}]}
+    out = apply_overrides(raw, ["tune.num_samples=3", "tasks.0.name=b"])
+    assert out == {"tasks": [{"name": "b"}], "tune": {"num_samples": 3}}
+    assert raw == {"tasks": [{"name": "a"}]}  # a deep copy
+
+
+@pytest.mark.parametrize("override, message", [
+    ("tasks.9.weight=2", "'9' is not an index of tasks"),
+    ("tasks.first.weight=2", "'first' is not an index of tasks"),
+    ("train.max_steps", "expected key.sub=value"),
+    ("train.max_steps.x=1", "train.max_steps is not a mapping"),
+])
+def test_bad_overrides(override, message):
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
+        load_config(QUICK, [override])
+
+
+def test_override_value_is_validated_and_named():
+    with pytest.raises(ConfigError) as err:
+        load_config(QUICK, ["train.max_steps=0"])
+    assert f"{QUICK}: train.max_steps: Input should be greater than or equal to 1" in str(err.value)
+
+
+def test_unknown_task_kind_names_file_and_field(tmp_path):
+    path = write(tmp_path, {"tasks": [{"name": "t", "kind": "ner", "source": {"type": "atis", "field": "slots"}}]})
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    msg = str(err.value)
+    assert msg.startswith(f"{path}: tasks.0.kind: Input should be ")
+    assert "'token_classification'" in msg
+
+
+def test_unknown_key_names_file_and_field(tmp_path):
+    path = write(tmp_path, {"tasks": [{"name": "t", "kind": "sequence_classification", "colour": "red",
+                                       "source": {"type": "bbc"}}],
+                            "trian": {"max_steps": 3}})
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    lines = str(err.value).splitlines()
+    assert f"{path}: tasks.0.colour: Extra inputs are not permitted" in lines
+    assert f"{path}: trian: Extra inputs are not permitted" in lines
+
+
+def test_missing_csv_file_names_file_and_field(tmp_path):
+    path = write(tmp_path, {"tasks": [csv_task("nowhere/reviews.csv")]})
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(err.value) == f"{path}: tasks.0.source.path: file not found: nowhere/reviews.csv"
+
+
+def test_missing_validation_file_names_its_field(tmp_path):
+    (tmp_path / "train.csv").write_text("text,label\na,x\n")
+    task = {"name": "r", "kind": "sequence_classification",
+            "source": {"type": "csv", "train": "train.csv", "validation": "val.csv"}}
+    path = write(tmp_path, {"tasks": [task]})
+    with pytest.raises(ConfigError, match=r"tasks\.0\.source\.validation: file not found: val\.csv"):
+        load_config(path)
+
+
+def test_csv_source_without_a_path(tmp_path):
+    path = write(tmp_path, {"tasks": [{"name": "r", "kind": "sequence_classification",
+                                       "source": {"type": "csv"}}]})
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert f"{path}: tasks.0.source: " in str(err.value)
+    assert "source.path (or source.train) is required for type 'csv'" in str(err.value)
+
+
+def test_relative_data_paths_resolve_against_the_yaml_folder(tmp_path, monkeypatch):
+    sub = tmp_path / "cfg"
+    sub.mkdir()
+    (sub / "reviews.csv").write_text("text,label\na,x\n")
+    path = write(sub, {"tasks": [csv_task("reviews.csv")]})
+    monkeypatch.chdir(tmp_path)  # reviews.csv is not in the working directory
+    cfg = load_config(path)
+    assert Path(cfg.tasks[0].source.path) == sub / "reviews.csv"
+
+
+def test_bad_yaml_names_the_file(tmp_path):
+    path = write(tmp_path, "tasks: [\n  - name: a\n  kind: b: c\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(err.value).startswith(f"{path}: not valid YAML")
+
+
+def test_top_level_must_be_a_mapping_and_file_must_exist(tmp_path):
+    with pytest.raises(ConfigError, match="the top level must be a mapping"):
+        load_config(write(tmp_path, "- a\n- b\n"))
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "absent.yaml")
+
+
+def test_duplicate_task_names(tmp_path):
+    task = {"name": "topic", "kind": "sequence_classification", "source": {"type": "bbc"}}
+    path = write(tmp_path, {"tasks": [task, dict(task)]})
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert f"{path}: tasks: " in str(err.value)
+    assert "duplicate task name(s) ['topic']" in str(err.value)
+
+
+def test_no_tasks(tmp_path):
+    with pytest.raises(ConfigError, match="at least one task is required"):
+        load_config(write(tmp_path, {"tasks": []}))
+    with pytest.raises(ConfigError, match=r": tasks: Field required"):
+        load_config(write(tmp_path, {"name": "x"}))
+
+
+@pytest.mark.parametrize("objective", ["nope.accuracy", "accuracy", "max"])
+def test_bad_objective(objective):
+    with pytest.raises(ConfigError) as err:
+        load_config(QUICK, [f"train.objective={objective}"])
+    assert str(QUICK) in str(err.value)
+    assert f"train.objective '{objective}'" in str(err.value)
+
+
+def test_good_objective():
+    assert load_config(QUICK, ["train.objective=slots.f1"]).train.objective == "slots.f1"
+
+
+@pytest.mark.parametrize("source, field", [
+    ({"type": "atis"}, "source.field is required"),
+    ({"type": "csv", "path": "x", "columns": {"txt": "body"}}, "unknown reader name(s) ['txt']"),
+    ({"type": "sql", "path": "x"}, "tasks.0.source.type: Input should be"),
+])
+def test_bad_sources(source, field):
+    with pytest.raises(ConfigError) as err:
+        config_from_dict({"tasks": [{"name": "t", "kind": "sequence_classification", "source": source}]},
+                         "x.yaml")
+    assert str(err.value).startswith("x.yaml: tasks.0.source")
+    assert field in str(err.value)
+
+
+def test_bad_task_name_and_weight():
+    with pytest.raises(ConfigError) as err:
+        config_from_dict({"tasks": [{"name": "1 bad", "kind": "regression", "weight": 0,
+                                     "source": {"type": "bbc"}}]}, "x.yaml")
+    lines = str(err.value).splitlines()
+    assert any(line.startswith("x.yaml: tasks.0.name: String should match pattern") for line in lines)
+    assert "x.yaml: tasks.0.weight: Input should be greater than 0" in lines

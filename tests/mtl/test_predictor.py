@@ -1,0 +1,95 @@
+"""mtl.predictor: one encoder pass answers every task asked for, each in its kind's shape."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from mtl.encoding import tokenize_words
+from mtl.model import MultiTaskModel, TaskInfo
+from mtl.predictor import Predictor
+
+TASKS = [
+    TaskInfo("intent", "sequence_classification", ["a", "b", "c"], 24),
+    TaskInfo("slots", "token_classification", ["O", "B-X", "I-X"], 24),
+    TaskInfo("tags", "multi_label", ["p", "q"], 24),
+    TaskInfo("score", "regression", [], 24),
+]
+
+
+@pytest.fixture(scope="module")
+def predictor(tiny_encoder):
+    model = MultiTaskModel.from_encoder(tiny_encoder, TASKS, seed=1)
+    return Predictor(model, AutoTokenizer.from_pretrained(str(tiny_encoder)), device="cpu")
+
+
+def test_answers_per_kind(predictor):
+    texts = ["fly to boston", "what's the  cheapest fare from denver to st. louis"]
+    out = predictor.predict(texts)
+    assert len(out) == 2 and all(set(o) == {"intent", "slots", "tags", "score"} for o in out)
+    for text, o in zip(texts, out):
+        assert o["intent"]["label"] in ("a", "b", "c") and 0 < o["intent"]["score"] <= 1
+        assert "top_k" not in o["intent"]
+        assert len(o["slots"]["tags"]) == len(text.split())
+        assert all(t in ("O", "B-X", "I-X") for t in o["slots"]["tags"])
+        for ent in o["slots"]["entities"]:
+            assert text[ent["start"]:ent["end"]] == ent["text"] and ent["type"] == "X"
+        assert all(x["label"] in ("p", "q") and x["score"] > 0.5 for x in o["tags"]["labels"])
+        assert isinstance(o["score"]["value"], float)
+
+
+def test_matches_the_model_and_batching_does_not_change_answers(predictor):
+    texts = ["fly to boston", "a much longer sentence about flights from denver to st. louis on monday"]
+    alone = predictor.predict(texts[:1])[0]
+    batched = predictor.predict(texts)[0]
+    assert alone["intent"]["label"] == batched["intent"]["label"]
+    assert alone["intent"]["score"] == pytest.approx(batched["intent"]["score"], abs=1e-5)
+    assert alone["score"]["value"] == pytest.approx(batched["score"]["value"], abs=1e-5)
+    assert alone["slots"]["tags"] == batched["slots"]["tags"]
+    enc = tokenize_words(predictor.tokenizer, [texts[0].split()], 24, padding="longest")
+    with torch.inference_mode():
+        logits = predictor.model(torch.tensor(enc["input_ids"]), torch.tensor(enc["attention_mask"]))
+    assert alone["score"]["value"] == pytest.approx(float(logits["score"][0, 0]), abs=1e-6)
+    assert alone["intent"]["score"] == pytest.approx(float(torch.softmax(logits["intent"][0], -1).max()), abs=1e-6)
+
+
+def test_top_k_and_task_subset(predictor):
+    [o] = predictor.predict(["book a flight"], tasks=["intent"], top_k=2)
+    assert set(o) == {"intent"}
+    top = o["intent"]["top_k"]
+    assert len(top) == 2 and top[0]["label"] == o["intent"]["label"]
+    assert top[0]["score"] >= top[1]["score"] and top[0]["label"] != top[1]["label"]
+    [o] = predictor.predict(["book a flight"], tasks=["intent"], top_k=10)
+    assert len(o["intent"]["top_k"]) == 3
+    assert sum(x["score"] for x in o["intent"]["top_k"]) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_unknown_task_and_empty_input(predictor):
+    with pytest.raises(KeyError) as err:
+        predictor.predict(["x"], tasks=["intent", "sentiment"])
+    msg = str(err.value)
+    assert "['sentiment']" in msg and "['intent', 'slots', 'tags', 'score']" in msg
+    assert predictor.predict([]) == []
+    assert predictor.describe()[1] == {"name": "slots", "kind": "token_classification", "labels": ["O", "B-X", "I-X"]}
+
+
+def test_long_text_is_truncated(predictor):
+    text = " ".join(["boston"] * 40)  # 40 words, 42 tokens with specials: past max_length 24
+    [o] = predictor.predict([text], tasks=["slots", "intent"])
+    assert len(o["slots"]["tags"]) == 22  # words past the cut get no tag
+    assert o["intent"]["label"] in ("a", "b", "c")
+
+
+@pytest.mark.filterwarnings("ignore:torch.quantize_per_tensor:UserWarning")
+def test_load_from_artifact(tiny_artifact, quick_data):
+    cfg, _ = quick_data
+    p = Predictor.load(tiny_artifact, device="cpu")
+    assert p.task_names == ["intent", "slots", "sentiment", "topic"]
+    assert p.max_length == max(cfg.max_length(t) for t in cfg.tasks)  # the longest task's
+    [o] = p.predict(["show me flights from boston to denver"], tasks=["sentiment", "topic"], top_k=2)
+    assert o["sentiment"]["label"] in ("fresh", "rotten") and len(o["sentiment"]["top_k"]) == 2
+    assert o["topic"]["label"] in ("business", "entertainment", "politics", "sports", "tech")
+    q = Predictor.load(tiny_artifact, device="cpu", quantize=True)
+    [o] = q.predict(["show me flights"], tasks=["slots"])
+    assert len(o["slots"]["tags"]) == 3
