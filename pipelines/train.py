@@ -16,6 +16,7 @@ One optimizer step = ``grad_accum`` micro-batches of each sampled task. Validati
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
@@ -375,7 +376,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             window[t].append(v)
         if step == crash_at and rank == world - 1 and not Path(config["_crash_flag"]).exists():
             Path(config["_crash_flag"]).write_text(str(step))
-            os._exit(1)  # fault injection for tests: this worker process dies once, mid-run
+            # Fault injection for tests: this worker process dies once, mid-run. The pause lets Ray's
+            # controller register the checkpoint reported a moment ago (a death within the same
+            # poll as the report would restart from the checkpoint before).
+            time.sleep(float(config.get("_crash_delay_s", 5.0)))
+            os._exit(1)
 
         if step % tc.eval_every == 0 or step == tc.max_steps:
             names_seen = [t for t in names if window[t]]
@@ -399,7 +404,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 "validation": val,
             }
             if rank == 0:
-                tracker.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step)
+                scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+                tracker.log(scalars, step)
+                if config.get("history_file"):
+                    with open(config["history_file"], "a") as fh:
+                        fh.write(json.dumps(scalars) + "\n")
                 print(f"[train] step {step}/{tc.max_steps} objective {obj:.4f} (best {best:.4f} @ {best_step}) "
                       + " ".join(f"{t}:{val[t][kinds[t].primary_metric]:.3f}" for t in names)
                       + f" | {throughput:.1f} samples/s, {elapsed:.0f}s", flush=True)
@@ -570,7 +579,7 @@ def _run_dir(cfg: RunConfig, resume: bool) -> Path:
 
 
 def run_training(cfg: RunConfig, resume: bool = False, data: dict[str, TaskData] | None = None,
-                 register_model: bool = False) -> dict[str, Any]:
+                 register_model: bool = False, loop_extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Data -> fit -> best checkpoint -> test sets -> MLflow (params, curves, reports, PNGs, model).
     Outputs under ``output_dir/name/train-<time>/``; ``resume`` continues the latest such run from its
     last checkpoint (Ray Train restores a run of the same name and storage path)."""
@@ -595,7 +604,8 @@ def run_training(cfg: RunConfig, resume: bool = False, data: dict[str, TaskData]
             id_file.write_text(run_id)
     print(f"[train] {cfg.name}: {len(cfg.tasks)} tasks, {cfg.train.num_workers} worker(s), "
           f"{cfg.train.strategy}, outputs in {run_dir}", flush=True)
-    trainer = build_trainer(cfg, make_loop_config(cfg, data, run_id), train_datasets(cfg, data),
+    loop_config = make_loop_config(cfg, data, run_id, history_file=str(run_dir / "history.jsonl"), **(loop_extra or {}))
+    trainer = build_trainer(cfg, loop_config, train_datasets(cfg, data),
                             run_name="ray", storage_path=str(run_dir))
     try:
         result = trainer.fit()
@@ -635,8 +645,6 @@ def run_training(cfg: RunConfig, resume: bool = False, data: dict[str, TaskData]
             client.log_metric(run_id, k, summary[k])
         tracking.log_summary(run_id, summary)
         tracking.end_run(run_id)
-    import json
-
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     print(f"[train] done in {summary['wall_s']}s; best objective {summary['best_objective']:.4f} at step "
           f"{summary['best_step']}; test: " + ", ".join(

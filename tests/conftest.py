@@ -15,7 +15,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def build_tiny_encoder(path: Path, seed: int = 0) -> Path:
+def build_tiny_encoder(path: Path, seed: int = 0, dropout: float = 0.1) -> Path:
     """A BERT with hidden 32, 2 layers, 2 heads, intermediate 64 and the MiniLM tokenizer,
     saved with save_pretrained (about 1 M parameters, mostly the embedding table)."""
     import torch
@@ -26,7 +26,8 @@ def build_tiny_encoder(path: Path, seed: int = 0) -> Path:
     tok = AutoTokenizer.from_pretrained(str(minilm_dir()))
     torch.manual_seed(seed)
     config = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2,
-                        num_attention_heads=2, intermediate_size=64, max_position_embeddings=512)
+                        num_attention_heads=2, intermediate_size=64, max_position_embeddings=512,
+                        hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
     BertModel(config, add_pooling_layer=False).save_pretrained(str(path))
     tok.save_pretrained(str(path))
     return path
