@@ -1,0 +1,434 @@
+"""Ray Serve application: one multi-task model behind a FastAPI ingress.
+
+    mtl-ray serve --model models:/mtl-ray-quick@champion      # HTTP on 127.0.0.1:8000
+    serve run serve/serve_config.yaml                          # the same from a Serve config file
+
+    curl -s localhost:8000/v1/predict -H 'content-type: application/json' \\
+         -d '{"texts": ["fly from boston to denver"], "tasks": ["intent", "slots"]}'
+
+Endpoints: ``POST /v1/predict``, ``GET /v1/tasks``, ``GET /healthz``, OpenAPI at ``/docs``
+(request and answer shapes: ``serve/schema.py``).
+
+How a request is served:
+
+- Each replica loads the model once (``Predictor.load``: CUDA when Ray gave the replica a GPU
+  (``num_gpus`` > 0), else CPU even on a GPU node; ``quantize: true`` gives int8 dynamic
+  quantization, CPU only).
+- ``@serve.batch`` groups concurrent requests (``max_batch_size`` requests, waiting at most
+  ``batch_wait_timeout_s``); a batch runs the encoder once over all its texts, with the heads of
+  the union of the tasks its requests asked for, and each request gets back only its tasks.
+  Requests with different ``top_k`` in one batch are decoded in one pass per distinct ``top_k``.
+  One forward pass sees at most ``max(max_batch_size, max_texts)`` texts (bounded memory).
+  Texts in one pass are padded to the longest, so a text's scores can differ in the last float
+  digits from a pass of that text alone (the labels do not change in practice).
+- Replicas autoscale between ``min_replicas`` and ``max_replicas`` on ``target_ongoing_requests``;
+  ``max_ongoing_requests`` caps what one replica accepts (keep it at or above the expected
+  concurrency, or throughput collapses).
+- Limits (``max_texts``, ``max_chars``, ``max_body_bytes``) and errors are answered with a 4xx and
+  a JSON ``{"detail": ...}``; the replica keeps serving.
+- When the variable named by ``token_env`` (default ``MTL_RAY_TOKEN``) is set in the replica's
+  environment, ``/v1/*`` needs ``Authorization: Bearer <token>``; ``/healthz`` and ``/docs`` stay
+  open. A local Ray started by ``mtl-ray serve`` inherits the shell's environment; on a cluster,
+  set it where the Ray nodes start, or in the Serve config's ``runtime_env.env_vars``.
+
+Where the model comes from: the driver (``run_server``) or the application builder
+(``app_builder``) turns the model reference into a local directory with
+``mtl.registry.local_artifact`` and passes that path to the replicas. A replica on a node where
+that path does not exist downloads the model itself from the reference (``models:/...`` or
+``runs:/...``) with the same tracking URI. So on a multi-node cluster either use a shared
+filesystem path, or a models:/ URI with an MLflow tracking server every node can reach
+(a ``sqlite:///`` store on the driver's disk only works on one machine).
+
+The FastAPI app is built per replica (``@serve.ingress()`` with ``__serve_build_asgi_app__``)
+because its limits and token come from the deployment's config; ``make_api`` builds the same app
+around any object with ``model_name``, ``task_names``, ``describe()`` and ``predict()``, so the
+HTTP layer can be tested without Ray.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from ray import serve
+
+from mtl.config import MlflowSpec, RunConfig, ServeSpec, load_config
+from serve.schema import (
+    ErrorResponse,
+    HealthResponse,
+    PredictRequest,
+    PredictResponse,
+    RequestError,
+    TasksResponse,
+    check_request,
+    summarize_validation_errors,
+)
+
+APP_NAME = "mtl-ray"
+DEPLOYMENT_NAME = "MultiTaskPredictor"
+UPSCALE_DELAY_S = 3.0
+DOWNSCALE_DELAY_S = 30.0
+
+logger = logging.getLogger("ray.serve")
+
+
+# ---------------------------------------------------------------- batching (pure, no Ray)
+
+
+@dataclass(frozen=True)
+class PredictItem:
+    """One request's share of a batch."""
+
+    texts: list[str]
+    tasks: list[str]
+    top_k: int = 1
+
+
+def run_batch(predictor, items: list[PredictItem], max_texts_per_pass: int) -> list[list[dict[str, Any]]]:
+    """Answer every item of a batch with one encoder pass per ``top_k`` value (and per
+    ``max_texts_per_pass`` texts), running the heads of the union of the items' tasks and giving
+    each item only the tasks it asked for."""
+    results: list[list[dict[str, Any]] | None] = [None] * len(items)
+    groups: dict[int, list[int]] = {}
+    for i, item in enumerate(items):
+        groups.setdefault(item.top_k, []).append(i)
+    order = predictor.task_names
+    for top_k, members in groups.items():
+        wanted = {t for i in members for t in items[i].tasks}
+        tasks = [t for t in order if t in wanted]
+        texts = [text for i in members for text in items[i].texts]
+        answers: list[dict[str, Any]] = []
+        for start in range(0, len(texts), max_texts_per_pass):
+            answers.extend(predictor.predict(texts[start:start + max_texts_per_pass], tasks, top_k))
+        pos = 0
+        for i in members:
+            n = len(items[i].texts)
+            results[i] = [{t: answer[t] for t in items[i].tasks} for answer in answers[pos:pos + n]]
+            pos += n
+    return results  # type: ignore[return-value]
+
+
+# ---------------------------------------------------------------- HTTP layer (pure ASGI / FastAPI)
+
+
+def _route_path(scope) -> str:
+    path, root = scope.get("path", ""), scope.get("root_path", "")
+    if root and path.startswith(root):
+        path = path[len(root):] or "/"
+    return path
+
+
+async def _send_json(send, status: int, body: dict, headers: list[tuple[bytes, bytes]] | None = None):
+    data = json.dumps(body).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"),
+                            (b"content-length", str(len(data)).encode()), *(headers or [])]})
+    await send({"type": "http.response.body", "body": data})
+
+
+class GuardMiddleware:
+    """Bearer token on ``protected`` paths (when a token is set) and the body size limit, checked
+    on ``Content-Length`` and on the bytes actually received, before FastAPI parses anything."""
+
+    def __init__(self, app, max_body_bytes: int, token: str | None = None, protected: str = "/v1/"):
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+        self.token = token.encode() if token else None
+        self.protected = protected
+
+    def _authorized(self, header: bytes | None) -> bool:
+        if not header:
+            return False
+        scheme, _, value = header.partition(b" ")
+        return scheme.lower() == b"bearer" and hmac.compare_digest(value.strip(), self.token)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = {k.lower(): v for k, v in scope.get("headers", [])}
+        if self.token is not None and _route_path(scope).startswith(self.protected):
+            if not self._authorized(headers.get(b"authorization")):
+                await _send_json(send, 401, {"detail": "missing or invalid bearer token"},
+                                 [(b"www-authenticate", b"Bearer")])
+                return
+        too_big = {"detail": f"request body larger than {self.max_body_bytes} bytes"}
+        length = headers.get(b"content-length")
+        if length is not None:
+            try:
+                declared = int(length)
+            except ValueError:
+                await _send_json(send, 400, {"detail": "invalid Content-Length header"})
+                return
+            if declared > self.max_body_bytes:
+                await _send_json(send, 413, too_big)
+                return
+        body = bytearray()
+        more = True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > self.max_body_bytes:
+                await _send_json(send, 413, too_big)
+                return
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": bytes(body), "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+
+ERRORS = {s: {"model": ErrorResponse} for s in (400, 401, 413, 422)}
+
+
+def make_api(service, spec: ServeSpec, token: str | None = None) -> FastAPI:
+    """The FastAPI app around ``service`` (``model_name``, ``task_names``, ``describe()`` and
+    ``async predict(texts, tasks, top_k)``), with ``spec``'s limits and an optional token."""
+    api = FastAPI(
+        title="mtl-ray", version="1",
+        description="One shared encoder, several task heads. `POST /v1/predict` answers the tasks "
+                    "asked for (all by default) for every text in one encoder pass. When the server "
+                    "has a token, `/v1/*` needs `Authorization: Bearer <token>`.",
+    )
+    api.add_middleware(GuardMiddleware, max_body_bytes=spec.max_body_bytes, token=token)
+
+    @api.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError):
+        status, detail = summarize_validation_errors(list(exc.errors()))
+        return JSONResponse({"detail": detail}, status_code=status)
+
+    @api.exception_handler(RequestError)
+    async def _refused(request: Request, exc: RequestError):
+        return JSONResponse({"detail": exc.message}, status_code=exc.status)
+
+    @api.get("/healthz", response_model=HealthResponse)
+    async def healthz() -> HealthResponse:
+        return HealthResponse()
+
+    @api.get("/v1/tasks", response_model=TasksResponse, responses=ERRORS)
+    async def tasks() -> TasksResponse:
+        return TasksResponse(model=service.model_name, tasks=service.describe())
+
+    @api.post("/v1/predict", response_model=PredictResponse, responses=ERRORS)
+    async def predict(req: PredictRequest) -> PredictResponse:
+        names = check_request(req, service.task_names, spec.max_texts, spec.max_chars)
+        predictions = await service.predict(req.texts, names, req.top_k)
+        return PredictResponse(predictions=predictions, model=service.model_name)
+
+    return api
+
+
+# ---------------------------------------------------------------- the Serve deployment
+
+
+def _is_uri(model: str) -> bool:
+    return "://" in model or model.startswith(("models:/", "runs:/"))
+
+
+def _replica_model_dir(model: str, model_dir: str, tracking_uri: str | None) -> Path:
+    from mtl.registry import MANIFEST, local_artifact
+
+    path = Path(model_dir)
+    if (path / MANIFEST).is_file():
+        return path
+    if _is_uri(model):  # another node: fetch the model from the registry/run itself
+        return local_artifact(model, tracking_uri)
+    raise FileNotFoundError(
+        f"model directory {model_dir} is not on this node; use a shared filesystem, or a models:/ "
+        "URI with an MLflow tracking server every node can reach")
+
+
+def _replica_device() -> str | None:
+    """None (Predictor.load picks CUDA) when Ray gave this replica a GPU, else "cpu": since Ray 2.4x a
+    replica with num_gpus=0 still sees the node's GPUs (CUDA_VISIBLE_DEVICES is left alone), and
+    must not use one it did not reserve."""
+    import ray
+
+    return None if ray.get_gpu_ids() else "cpu"
+
+
+@serve.deployment(name=DEPLOYMENT_NAME, logging_config={"enable_access_log": False})
+@serve.ingress()
+class MultiTaskPredictor:
+    """One replica: the model loaded once, requests batched, the HTTP app built from the spec."""
+
+    def __init__(self, model: str, model_dir: str, spec: dict[str, Any], tracking_uri: str | None = None):
+        from mtl.predictor import Predictor
+
+        self.spec = ServeSpec.model_validate(spec)
+        self.model_name = model
+        path = _replica_model_dir(model, model_dir, tracking_uri)
+        started = time.perf_counter()
+        self.predictor = Predictor.load(path, device=_replica_device(), quantize=self.spec.quantize)
+        self.task_names = self.predictor.task_names
+        self.max_texts_per_pass = max(self.spec.max_batch_size, self.spec.max_texts)
+        self._batched.set_max_batch_size(self.spec.max_batch_size)
+        self._batched.set_batch_wait_timeout_s(self.spec.batch_wait_timeout_s)
+        self.token = os.environ.get(self.spec.token_env) or None
+        self.counts = {"requests": 0, "texts": 0, "batches": 0, "max_batch": 0}
+        logger.info("mtl-ray replica: %s from %s on %s%s in %.1f s; tasks %s; token %s", model, path,
+                    self.predictor.device, " (int8)" if self.spec.quantize else "",
+                    time.perf_counter() - started, self.task_names, "on" if self.token else "off")
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        return make_api(self, self.spec, self.token)
+
+    def describe(self) -> list[dict[str, Any]]:
+        return self.predictor.describe()
+
+    async def predict(self, texts: list[str], tasks: list[str], top_k: int) -> list[dict[str, Any]]:
+        return await self._batched(PredictItem(list(texts), list(tasks), top_k))
+
+    def stats(self) -> dict[str, Any]:
+        """This replica's counters (through a deployment handle: ``handle.stats.remote()``)."""
+        c = self.counts
+        return {**c, "replica": serve.get_replica_context().replica_tag,
+                "mean_batch": c["requests"] / c["batches"] if c["batches"] else 0.0,
+                "device": str(self.predictor.device), "quantized": self.spec.quantize}
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
+    async def _batched(self, items: list[PredictItem]) -> list[list[dict[str, Any]]]:
+        c = self.counts
+        c["batches"] += 1
+        c["requests"] += len(items)
+        c["texts"] += sum(len(i.texts) for i in items)
+        c["max_batch"] = max(c["max_batch"], len(items))
+        # the forward pass runs in a thread so the replica keeps accepting requests meanwhile
+        return await asyncio.to_thread(run_batch, self.predictor, items, self.max_texts_per_pass)
+
+
+def deployment_options(spec: ServeSpec, env: dict[str, str] | None = None) -> dict[str, Any]:
+    """``.options()`` of the deployment from the config's ``serve:`` section."""
+    if spec.min_replicas > spec.max_replicas:
+        raise ValueError(f"serve.min_replicas ({spec.min_replicas}) > serve.max_replicas ({spec.max_replicas})")
+    if spec.quantize and spec.num_gpus > 0:
+        raise ValueError("serve.quantize (int8) runs on CPU only; set serve.num_gpus to 0")
+    actor: dict[str, Any] = {"num_cpus": spec.num_cpus, "num_gpus": spec.num_gpus}
+    if env:
+        from pipelines.ray_utils import runtime_env
+
+        actor["runtime_env"] = {"env_vars": {**runtime_env()["env_vars"], **env}}
+    return {
+        "max_ongoing_requests": spec.max_ongoing_requests,
+        "autoscaling_config": {
+            "min_replicas": spec.min_replicas,
+            "initial_replicas": max(1, spec.min_replicas),
+            "max_replicas": spec.max_replicas,
+            "target_ongoing_requests": spec.target_ongoing_requests,
+            "upscale_delay_s": UPSCALE_DELAY_S,
+            "downscale_delay_s": DOWNSCALE_DELAY_S,
+        },
+        "ray_actor_options": actor,
+        "logging_config": {"enable_access_log": False},
+    }
+
+
+def build_app(model_dir: str, spec: ServeSpec, *, model_name: str | None = None,
+              tracking_uri: str | None = None, env: dict[str, str] | None = None):
+    """The bound Serve application for an artifact directory (``env``: extra environment variables
+    for the replicas, e.g. the token variable)."""
+    from mtl.model import read_manifest
+
+    if Path(model_dir).exists():
+        read_manifest(model_dir)  # fail here, in the driver, on a directory that is no artifact
+    return MultiTaskPredictor.options(**deployment_options(spec, env)).bind(
+        model_name or str(model_dir), str(model_dir), spec.model_dump(mode="json"), tracking_uri)
+
+
+def _default_tracking_uri(cfg: RunConfig | None) -> str:
+    if cfg is not None:
+        return cfg.mlflow.tracking_uri
+    return os.environ.get("MLFLOW_TRACKING_URI") or MlflowSpec().tracking_uri
+
+
+def builder_settings(args: dict[str, Any]) -> tuple[str, str | None, ServeSpec]:
+    """(model, tracking_uri, spec) from an application builder's ``args`` (see ``app_builder``)."""
+    args = dict(args or {})
+    model = args.pop("model", None) or os.environ.get("MTL_RAY_MODEL")
+    if not model:
+        raise ValueError("app_builder: args.model is required (artifact directory or models:/<name>@<alias>)")
+    config = args.pop("config", None)
+    cfg = load_config(config) if config else None
+    tracking_uri = args.pop("tracking_uri", None) or _default_tracking_uri(cfg)
+    overrides = {**(args.pop("serve", None) or {}), **args}
+    base = (cfg.serve if cfg else ServeSpec()).model_dump()
+    unknown = sorted(set(overrides) - set(base))
+    if unknown:
+        raise ValueError(f"app_builder: unknown argument(s) {unknown}; use model, tracking_uri, config, "
+                         f"serve, or ServeSpec fields {sorted(base)}")
+    return str(model), tracking_uri, ServeSpec.model_validate({**base, **overrides})
+
+
+def app_builder(args: dict[str, Any]):
+    """Application builder for ``serve run`` / ``serve deploy`` (see ``serve/serve_config.yaml``).
+
+    ``args``: ``model`` (artifact directory or models:/ URI; default ``$MTL_RAY_MODEL``),
+    ``tracking_uri``, ``config`` (a run config YAML whose ``serve:`` section is the base),
+    ``serve`` (a mapping of ServeSpec fields), or ServeSpec fields at the top level
+    (``serve run serve.app:app_builder model=runs/quick/model max_batch_size=16``).
+    host and port are the Serve config's ``http_options``, not these.
+    """
+    from mtl.registry import local_artifact
+
+    model, tracking_uri, spec = builder_settings(args)
+    model_dir = local_artifact(model, tracking_uri)
+    return build_app(str(model_dir), spec, model_name=model, tracking_uri=tracking_uri)
+
+
+def serve_spec(cfg: RunConfig | None, host: str | None = None, port: int | None = None,
+               quantize: bool | None = None) -> ServeSpec:
+    """The config's ``serve:`` section (or the defaults) with the command line's non-None values."""
+    base = (cfg.serve if cfg is not None else ServeSpec()).model_dump()
+    given = {k: v for k, v in {"host": host, "port": port, "quantize": quantize}.items() if v is not None}
+    return ServeSpec.model_validate({**base, **given})
+
+
+def run_server(model: str, cfg: RunConfig | None = None, host: str | None = None, port: int | None = None,
+               quantize: bool | None = None, tracking_uri: str | None = None, blocking: bool = True) -> str:
+    """Serve ``model`` (artifact directory, models:/ or runs:/ URI) on Ray Serve; returns the base URL.
+    With ``blocking``, waits until Ctrl-C, then deletes the application."""
+    from mtl.registry import local_artifact
+    from pipelines.ray_utils import init_ray
+
+    spec = serve_spec(cfg, host, port, quantize)
+    tracking_uri = tracking_uri or _default_tracking_uri(cfg)
+    model_dir = local_artifact(model, tracking_uri)
+    ray = init_ray()
+    serve.start(http_options={"host": spec.host, "port": spec.port})
+    serve.run(build_app(str(model_dir), spec, model_name=model, tracking_uri=tracking_uri),
+              name=APP_NAME, route_prefix="/")
+    url = f"http://{spec.host}:{spec.port}"
+    print(f"mtl-ray: serving {model} at {url}  (POST {url}/v1/predict, GET {url}/v1/tasks, "
+          f"{url}/healthz, docs {url}/docs)", flush=True)
+    print(f"  curl -s {url}/v1/predict -H 'content-type: application/json' "
+          "-d '{\"texts\": [\"book a flight from boston to denver\"]}'", flush=True)
+    if not blocking:
+        return url
+    try:
+        while True:
+            time.sleep(1.0)
+    except KeyboardInterrupt:
+        print("mtl-ray: stopping", flush=True)
+        serve.delete(APP_NAME)
+        if not os.environ.get("RAY_ADDRESS"):
+            serve.shutdown()
+            ray.shutdown()
+    return url

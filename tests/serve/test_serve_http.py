@@ -1,0 +1,195 @@
+"""Real Ray Serve on loopback: one deployment of the tiny artifact (with a bearer token, set in the
+replica's environment through the deployment's runtime_env) serves every test of this module."""
+
+from __future__ import annotations
+
+import json
+import socket
+
+import httpx
+import pytest
+
+from mtl.config import ServeSpec
+
+pytestmark = pytest.mark.slow
+
+TOKEN = "test-token-123"
+AUTH = {"authorization": f"Bearer {TOKEN}"}
+SPEC = ServeSpec(max_texts=8, max_chars=200, max_body_bytes=4096, min_replicas=1, max_replicas=1,
+                 num_cpus=0.5, max_batch_size=8, batch_wait_timeout_s=0.005)
+TEXTS = [
+    "  fly from  boston to denver ",
+    "show me\tthe cheapest flights to new york on monday morning",
+    "a gripping, beautifully acted film",
+    "shares in the bank fell after the results",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def base_url(ray_session, tiny_artifact):
+    from ray import serve
+
+    from serve.app import APP_NAME, build_app
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    app = build_app(str(tiny_artifact), SPEC, model_name="tiny-test", env={SPEC.token_env: TOKEN})
+    serve.run(app, name=APP_NAME, route_prefix="/")
+    yield f"http://127.0.0.1:{port}"
+    serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def client(base_url):
+    with httpx.Client(base_url=base_url, timeout=30) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def predictor(tiny_artifact):
+    from mtl.predictor import Predictor
+
+    return Predictor.load(tiny_artifact)
+
+
+def roundtrip(obj):
+    return json.loads(json.dumps(obj))
+
+
+def test_all_tasks_equal_the_in_process_predictor(client, predictor):
+    r = client.post("/v1/predict", json={"texts": TEXTS}, headers=AUTH)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["model"] == "tiny-test"
+    # One request alone in its batch: the replica runs the same Predictor.predict on the same texts
+    # (same padding), so the floats are the same to the last bit.
+    assert body["predictions"] == roundtrip(predictor.predict(TEXTS))
+    assert set(body["predictions"][0]) == {"intent", "slots", "sentiment", "topic"}
+
+
+def test_subset_of_tasks_and_top_k(client, predictor):
+    r = client.post("/v1/predict", json={"texts": TEXTS[:2], "tasks": ["slots", "intent"], "top_k": 3},
+                    headers=AUTH)
+    assert r.status_code == 200, r.text
+    preds = r.json()["predictions"]
+    assert [set(p) for p in preds] == [{"slots", "intent"}] * 2
+    assert preds == roundtrip(predictor.predict(TEXTS[:2], ["slots", "intent"], top_k=3))
+    assert len(preds[0]["intent"]["top_k"]) == 3
+
+
+def test_entity_spans_slice_the_original_text(client):
+    texts = ["  fly from  boston to denver ", "x\t\ty  z   ", "newyork\u00a0to  la"]
+    r = client.post("/v1/predict", json={"texts": texts, "tasks": ["slots"]}, headers=AUTH)
+    assert r.status_code == 200, r.text
+    seen = 0
+    for text, pred in zip(texts, r.json()["predictions"]):
+        for ent in pred["slots"]["entities"]:
+            assert text[ent["start"]:ent["end"]] == ent["text"]
+            assert ent["text"] == ent["text"].strip() and ent["type"]
+            seen += 1
+    assert seen > 0  # an untrained model tags something; the check above ran
+
+
+def test_tasks_endpoint_matches_the_manifest(client, tiny_artifact):
+    manifest = json.loads((tiny_artifact / "manifest.json").read_text())
+    r = client.get("/v1/tasks", headers=AUTH)
+    assert r.status_code == 200
+    got = r.json()
+    assert got["model"] == "tiny-test"
+    assert got["tasks"] == [{"name": t["name"], "kind": t["kind"], "labels": t["labels"]}
+                            for t in manifest["tasks"]]
+
+
+JSON = {"content-type": "application/json"}
+BAD = [
+    ("malformed json", b'{"texts": ["a",', 400, None),
+    ("not an object", b'["a"]', 422, None),
+    ("texts missing", {}, 422, "texts"),
+    ("texts a string", {"texts": "a flight"}, 422, "texts"),
+    ("texts not strings", {"texts": [1, 2]}, 422, "texts"),
+    ("top_k a string", {"texts": ["a"], "top_k": "many"}, 422, "top_k"),
+    ("top_k zero", {"texts": ["a"], "top_k": 0}, 422, "top_k"),
+    ("unknown task", {"texts": ["a"], "tasks": ["intent", "weather"]}, 422, "weather"),
+    ("empty texts", {"texts": []}, 422, "texts"),
+    ("too many texts", {"texts": ["a"] * 9}, 413, "limit is 8"),
+    ("text too long", {"texts": ["a", "b" * 201]}, 413, "200 characters"),
+    ("empty text", {"texts": [""]}, 422, "blank"),
+    ("blank text", {"texts": ["ok", " \t\n "]}, 422, "blank"),
+    ("body too large", {"texts": ["word " * 39] * 8, "pad": "x" * 3000}, 413, "4096 bytes"),
+]
+
+
+@pytest.mark.parametrize("name,body,status,needle", BAD, ids=[b[0] for b in BAD])
+def test_bad_input_is_a_4xx_and_the_server_keeps_serving(client, name, body, status, needle):
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    r = client.post("/v1/predict", content=content, headers={**JSON, **AUTH})
+    assert r.status_code == status, r.text
+    detail = r.json()["detail"]
+    if needle:
+        assert needle in json.dumps(detail)
+    if name == "unknown task":
+        assert all(t in detail for t in ("intent", "slots", "sentiment", "topic"))
+    assert client.get("/healthz").status_code == 200
+    ok = client.post("/v1/predict", json={"texts": ["book a flight"], "tasks": ["intent"]}, headers=AUTH)
+    assert ok.status_code == 200 and set(ok.json()["predictions"][0]) == {"intent"}
+
+
+def test_body_too_large_without_content_length(client):
+    def chunks():  # chunked transfer: the replica counts the bytes as they arrive
+        yield b'{"texts": ["'
+        for _ in range(20):
+            yield b"y" * 400
+        yield b'"]}'
+
+    r = client.post("/v1/predict", content=chunks(), headers={**JSON, **AUTH})
+    assert r.status_code == 413, r.text
+    assert client.get("/healthz").status_code == 200
+
+
+def test_token_guards_v1_only(client):
+    assert client.get("/healthz").json() == {"status": "ok"}
+    assert client.post("/v1/predict", json={"texts": ["hi"]}).status_code == 401
+    r = client.get("/v1/tasks", headers={"authorization": "Bearer nope"})
+    assert r.status_code == 401 and "token" in r.json()["detail"]
+    assert client.get("/v1/tasks", headers=AUTH).status_code == 200
+    assert client.get("/openapi.json").json()["paths"].keys() >= {"/v1/predict", "/v1/tasks", "/healthz"}
+    assert client.get("/docs").status_code == 200
+
+
+def test_concurrent_requests_are_batched_and_answered_each(base_url, predictor):
+    """Many requests at once land in shared batches; each gets its own texts' and tasks' answers."""
+    import asyncio
+
+    tasks_for = [["intent"], ["slots"], ["sentiment", "topic"], None]
+
+    async def run():
+        async with httpx.AsyncClient(base_url=base_url, timeout=60) as c:
+            reqs = []
+            for i in range(24):
+                body = {"texts": [TEXTS[i % 4], f"request number {i}"]}
+                if tasks_for[i % 4]:
+                    body["tasks"] = tasks_for[i % 4]
+                reqs.append((body, c.post("/v1/predict", json=body, headers=AUTH)))
+            return [(b, await r) for b, r in [(b, asyncio.ensure_future(f)) for b, f in reqs]]
+
+    for body, r in asyncio.run(run()):
+        assert r.status_code == 200, r.text
+        got = r.json()["predictions"]
+        want = predictor.predict(body["texts"], body.get("tasks"))
+        assert [list(p) for p in got] == [list(p) for p in want]
+        # Batched with other requests the texts are padded to the batch's longest, which can move
+        # the last float digits; labels and entity spans must not change.
+        for g, w in zip(got, want):
+            for task, answer in w.items():
+                if "label" in answer:
+                    assert g[task]["label"] == answer["label"]
+                    assert abs(g[task]["score"] - answer["score"]) < 1e-5
+                if "entities" in answer:
+                    assert [(e["type"], e["start"], e["end"]) for e in g[task]["entities"]] == \
+                           [(e["type"], e["start"], e["end"]) for e in answer["entities"]]
