@@ -1,0 +1,106 @@
+"""The whole pipeline as one Ray job.
+
+    mtl-ray run --config configs/quick.yaml                 # in-process: an embedded local Ray
+    mtl-ray run --config configs/quick.yaml --serve         # ... then serve the champion, print a sample
+    ray job submit --working-dir . -- mtl-ray run --config configs/quick.yaml \\
+        output_dir=$PWD/runs mlflow.tracking_uri=sqlite:///$PWD/mlflow.db   # on a running cluster
+
+data (read, split, report) -> sweep (or one training run when the config has no ``tune:``) ->
+test-set evaluation of the winner -> MLflow registration as ``champion`` -> optionally Serve.
+Each stage prints one line with counts and elapsed time. Outputs go to a new timestamped folder
+under ``output_dir/name``, so a re-run never overwrites an earlier one.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from mtl.config import RunConfig
+
+SAMPLE_TEXTS = [
+    "show me flights from boston to denver tomorrow morning",
+    "A warm, funny and beautifully acted film.",
+]
+
+
+def _stage(name: str, t0: float, detail: str) -> None:
+    print(f"[run] {name:<9} {detail} ({time.time() - t0:.0f}s elapsed)", flush=True)
+
+
+def results_table(test_metrics: dict[str, dict[str, float]]) -> str:
+    lines = ["| task | metric | test |", "|---|---|---|"]
+    for task, metrics in test_metrics.items():
+        for k, v in metrics.items():
+            lines.append(f"| {task} | {k} | {v:.4f} |")
+    return "\n".join(lines)
+
+
+def run_pipeline(cfg: RunConfig, serve: bool = False, data: dict | None = None) -> dict[str, Any]:
+    from pipelines.data import read_tasks, summarize
+    from pipelines.ray_utils import init_ray
+    from pipelines.train import check_train_config
+
+    t0 = time.time()
+    check_train_config(cfg)
+    data = data or read_tasks(cfg)
+    rows = sum(len(s) for d in data.values() for s in d.splits.values())
+    _stage("data", t0, f"{len(data)} tasks, {rows:,} rows")
+    print(summarize(cfg, data), flush=True)
+    init_ray()
+    if cfg.tune is not None:
+        from tune.sweep import run_sweep
+
+        _stage("sweep", t0, f"{cfg.tune.num_samples} trials, {cfg.tune.search} search, ASHA")
+        result = run_sweep(cfg, data=data)
+        summary = {
+            "mode": "sweep", "best": result.get("best"), "test_metrics": result["test_metrics"],
+            "model_uri": result.get("model_uri"), "registered_version": result.get("registered_version"),
+            "mlflow_run_id": result.get("parent_run_id"), "output": result.get("sweep_dir"),
+        }
+    else:
+        from pipelines.train import run_training
+
+        _stage("train", t0, f"{cfg.train.max_steps} steps, {cfg.train.num_workers} worker(s)")
+        result = run_training(cfg, data=data, register_model=True)
+        summary = {
+            "mode": "train", "test_metrics": result["test_metrics"], "model_uri": result.get("model_uri"),
+            "registered_version": result.get("registered_version"), "mlflow_run_id": result.get("mlflow_run_id"),
+            "output": result.get("run_dir"),
+        }
+    champion = f"models:/{cfg.mlflow.registered_model}@champion"
+    summary.update({"champion": champion, "wall_s": round(time.time() - t0, 1)})
+    _stage("register", t0, f"{champion} -> version {summary['registered_version']}")
+    print(results_table(summary["test_metrics"]), flush=True)
+    print(json.dumps(summary, indent=2, default=str), flush=True)
+    if serve:
+        from pipelines.tracking import absolute_tracking_uri
+        from serve.app import run_server
+
+        _stage("serve", t0, f"{champion} on http://{cfg.serve.host}:{cfg.serve.port}")
+        url = run_server(champion, cfg, tracking_uri=absolute_tracking_uri(cfg.mlflow.tracking_uri), blocking=False)
+        print(f"[run] sample: POST {url}/v1/predict {json.dumps({'texts': SAMPLE_TEXTS})}", flush=True)
+        print(json.dumps(sample_request(url, SAMPLE_TEXTS), indent=2), flush=True)
+        print("[run] serving until Ctrl-C", flush=True)
+        _block_until_interrupt()
+    return summary
+
+
+def sample_request(url: str, texts: list[str]) -> dict[str, Any]:
+    import urllib.request
+
+    req = urllib.request.Request(f"{url}/v1/predict", data=json.dumps({"texts": texts}).encode(),
+                                 headers={"content-type": "application/json"})
+    with urllib.request.urlopen(req, timeout=60) as resp:
+        return json.loads(resp.read())
+
+
+def _block_until_interrupt() -> None:
+    from ray import serve
+
+    try:
+        while True:
+            time.sleep(1.0)
+    except KeyboardInterrupt:
+        serve.shutdown()
