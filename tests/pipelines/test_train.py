@@ -200,3 +200,23 @@ def test_killed_worker_resumes_from_last_checkpoint(synth, tmp_path, ray_session
     assert summary["steps"] == MAX_STEPS
     # the example counter continued from the checkpoint: 60 steps × 16 rows, not more
     assert history(summary)[-1]["examples"] == MAX_STEPS * 16
+
+
+def test_early_stop_keeps_best_and_a_stopped_run_resumes(synth, tmp_path, ray_session):
+    """With a learning rate of ~0 the objective never improves: patience 1 stops at the second
+    evaluation and the kept model is the first one's. `--resume` then continues that run from its
+    last checkpoint (step 30) to max_steps without redoing steps."""
+    from mtl.model import read_manifest
+    from pipelines.train import run_training
+
+    cfg = make_config(synth, tmp_path, lr=1e-12, head_lr=1e-12, patience=1)
+    first = run_training(cfg)
+    assert [h["step"] for h in history(first)] == [15, 30]
+    assert first["stopped_early"] is True and first["best_step"] == 15
+    assert read_manifest(first["model_dir"])["step"] == 15
+
+    cfg.train.patience = None
+    resumed = run_training(cfg, resume=True)
+    assert resumed["run_dir"] == first["run_dir"]
+    assert [h["step"] for h in history(resumed)] == EVALS
+    assert resumed["steps"] == MAX_STEPS
