@@ -69,12 +69,15 @@ def build_tiny_artifact(dst: Path) -> Path:
     return model.save(dst / "model", AutoTokenizer.from_pretrained(str(encoder)))
 
 
-def in_process(model_dir: str, quantize: bool, n_texts: int) -> dict:
-    """Predictor.predict throughput in this process: batches of 32 texts, and one text at a time."""
+def in_process(model_dir: str, quantize: bool, n_texts: int, threads: int) -> dict:
+    """Predictor.predict throughput in this process: batches of 32 texts, and one text at a time,
+    with ``threads`` torch threads (a replica gets as many as its num_cpus; on a busy 2-core machine
+    two threads were 15x slower than one)."""
     import torch
 
     from mtl.predictor import Predictor
 
+    torch.set_num_threads(threads)
     pred = Predictor.load(model_dir, quantize=quantize)
     texts = [SAMPLE_TEXTS[i % len(SAMPLE_TEXTS)] for i in range(n_texts)]
     pred.predict(texts[:32])
@@ -269,6 +272,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--int8", action="store_true", help="also serve the int8 (dynamic quantization) model")
     p.add_argument("--kill", action="store_true", help="also kill one of two replicas a third into the load")
     p.add_argument("--no-unbatched", action="store_true", help="skip the max_batch_size=1 scenario")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads of the in-process reference (default 1: a replica's num_cpus)")
     p.add_argument("--only", default=None, help="comma-separated scenarios to run (batched,unbatched,batched-int8,kill)")
     p.add_argument("--quick", action="store_true", help="600 requests per scenario, with --kill")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "serve_load.json"))
@@ -298,9 +303,9 @@ def main(argv: list[str] | None = None) -> dict:
             p.error(f"--only: unknown scenario(s) {sorted(unknown)}")
     print("in-process Predictor ...", flush=True)
     n_texts = 256 if args.quick else 2048
-    baseline = [in_process(model_dir, False, n_texts)]
+    baseline = [in_process(model_dir, False, n_texts, args.threads)]
     if "batched-int8" in selected:
-        baseline.append(in_process(model_dir, True, n_texts))
+        baseline.append(in_process(model_dir, True, n_texts, args.threads))
 
     from ray import serve
 

@@ -299,8 +299,10 @@ class MultiTaskPredictor:
 
     def stats(self) -> dict[str, Any]:
         """This replica's counters (through a deployment handle: ``handle.stats.remote()``)."""
+        import torch
+
         c = self.counts
-        return {**c, "replica": serve.get_replica_context().replica_tag,
+        return {**c, "replica": serve.get_replica_context().replica_tag, "torch_threads": torch.get_num_threads(),
                 "mean_batch": c["requests"] / c["batches"] if c["batches"] else 0.0,
                 "device": str(self.predictor.device), "quantized": self.spec.quantize}
 
