@@ -548,12 +548,15 @@ def best_checkpoint(result) -> tuple[Any, dict[str, Any]]:
 
 
 def _evaluate_remote(model_dir: str, rows: dict[str, list[dict]], batch_size: int, threads: int):
+    import ray
+
     from mtl.evaluation import test_report
     from mtl.model import MultiTaskModel
-    from mtl.predictor import pick_device
 
     torch.set_num_threads(max(1, threads))
-    model, tokenizer = MultiTaskModel.load(model_dir, pick_device())
+    # the GPU only when Ray assigned one (Ray no longer hides GPUs from num_gpus=0 tasks)
+    device = torch.device("cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu")
+    model, tokenizer = MultiTaskModel.load(model_dir, device)
     return test_report(model, tokenizer, rows, batch_size)
 
 
