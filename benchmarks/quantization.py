@@ -1,0 +1,221 @@
+"""int8 dynamic quantization vs fp32 in the serving path: texts/s and test metrics per task.
+
+    python -m benchmarks.quantization --quick                 # 256 texts; test sets cut to 200 rows
+    python -m benchmarks.quantization --model runs/x/train-y/model
+    python -m benchmarks.quantization                         # newest trained model under runs/
+
+The model: ``--model DIR`` (an artifact), else the newest ``runs/**/model/manifest.json``, else
+(full run) the quick config trained for a while (``run_training``, MLflow off, outputs in a temp
+dir), or (``--quick``) an untrained MiniLM-based artifact with the quick config's tasks: speed is
+measured, metrics are marked not measured (an untrained model's metrics say nothing).
+
+Speed: ``Predictor.load(dir, device="cpu", quantize=False/True).predict`` on batches of 32 real test
+texts (the tasks' test sets interleaved, so short ATIS queries, film reviews and long BBC articles)
+asking for every task; best of N passes; int8 dynamic quantization is CPU-only, so both run on CPU.
+Metrics: ``mtl.evaluation.test_report`` of both models on the test sets of the config the model
+was trained with (found by the run's name under runs/, or ``--config``); change in each task's
+primary metric, in points. Targets: speed-up ≥ 1.5×, drop ≤ 1 point on every task.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks.common import (
+    FULL_CONFIG,
+    QUICK_CONFIG,
+    ROOT,
+    Timer,
+    load_cfg,
+    parser,
+    phase,
+    primary_metric,
+    target,
+    threads,
+    write_result,
+)
+
+NAME = "quantization"
+
+
+def newest_model(root: Path = ROOT / "runs") -> Path | None:
+    found = sorted(root.glob("**/model/manifest.json"), key=lambda p: p.stat().st_mtime) if root.is_dir() else []
+    return found[-1].parent if found else None
+
+
+def config_for(model_dir: Path, explicit: str | None):
+    """The config the artifact was trained with: ``--config``, else the configs/*.yaml whose ``name`` is
+    the run folder's (runs/<name>/train-*/model), else the one whose task names match the manifest."""
+    import yaml
+
+    from mtl.model import read_manifest
+
+    if explicit:
+        return load_cfg(explicit)
+    names = [t["name"] for t in read_manifest(model_dir)["tasks"]]
+    candidates = sorted((ROOT / "configs").glob("*.yaml"))
+    run_name = model_dir.parent.parent.name if model_dir.parent.name.startswith("train-") else None
+    for path in candidates:
+        raw = yaml.safe_load(path.read_text()) or {}
+        if run_name and raw.get("name") == run_name:
+            return load_cfg(path)
+    for path in (FULL_CONFIG, QUICK_CONFIG):
+        cfg = load_cfg(path)
+        if cfg.task_names == names:
+            return cfg
+    return None
+
+
+def untrained_artifact(cfg, data, dst: Path) -> Path:
+    from transformers import AutoTokenizer
+
+    from mtl.model import MultiTaskModel
+    from mtl.packages import resolve_encoder
+    from pipelines.data import task_infos
+
+    enc = resolve_encoder(cfg.model.encoder)
+    model = MultiTaskModel.from_encoder(enc, task_infos(cfg, data), seed=0)
+    return model.save(dst / "model", AutoTokenizer.from_pretrained(str(enc)))
+
+
+def interleaved_texts(data, n: int) -> list[str]:
+    lists = [[r["text"] for r in td.splits["test"]] for td in data.values()]
+    out, i = [], 0
+    while len(out) < n and any(i < len(x) for x in lists):
+        out.extend(x[i] for x in lists if i < len(x))
+        i += 1
+    return out[:n]
+
+
+def throughput(pred, texts: list[str], batch: int, passes: int) -> dict:
+    pred.predict(texts[:batch])  # warm-up
+    best = float("inf")
+    for _ in range(passes):
+        with Timer() as t:
+            for i in range(0, len(texts), batch):
+                pred.predict(texts[i:i + batch])
+        best = min(best, t.s)
+    return {"texts_per_s": round(len(texts) / best, 2), "best_pass_s": round(best, 3), "passes": passes}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = parser(__doc__)
+    p.add_argument("--model", help="artifact directory (default: newest runs/**/model)")
+    p.add_argument("--config", help="the config the model was trained with (default: found from the run)")
+    p.add_argument("--texts", type=int, default=None, help="texts per speed pass (quick 256, full 1024)")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--test-rows", type=int, default=None, help="cap per task test set (quick 200, full: all)")
+    args = p.parse_args(argv)
+    import torch
+
+    from mtl.evaluation import test_report
+    from mtl.predictor import Predictor
+    from pipelines.data import read_tasks
+
+    n_threads = threads(args)
+    torch.set_num_threads(n_threads)
+    n_texts = args.texts or (256 if args.quick else 1024)
+    test_rows = args.test_rows or (200 if args.quick else None)
+    passes = 2 if args.quick else 3
+    tmp = tempfile.TemporaryDirectory(prefix="bench-quant-")
+    model_dir = Path(args.model) if args.model else newest_model()
+    source, trained = "", True
+    cfg = None
+    if model_dir is not None:
+        source = "--model" if args.model else "newest runs/**/model"
+        cfg = config_for(model_dir, args.config)
+    elif args.quick:
+        cfg = load_cfg(QUICK_CONFIG)
+        model_dir = untrained_artifact(cfg, read_tasks(cfg), Path(tmp.name))
+        source, trained = "untrained MiniLM + quick config heads (no trained model under runs/)", False
+    else:
+        from pipelines.train import run_training
+
+        cfg = load_cfg(QUICK_CONFIG, [f"output_dir={tmp.name}", "train.max_steps=240"])
+        with phase("no trained model found: training the quick config (240 steps)"):
+            model_dir = Path(run_training(cfg)["model_dir"])
+        source = "quick config trained here for 240 steps"
+    if cfg is None:
+        cfg = load_cfg(QUICK_CONFIG)
+    data = read_tasks(cfg)
+    texts = interleaved_texts(data, n_texts)
+    print(f"model: {model_dir} ({source}); {len(texts)} texts, batch {args.batch}, {n_threads} threads", flush=True)
+
+    speed = {}
+    preds = {}
+    for name, quantize in (("fp32", False), ("int8", True)):
+        with phase(f"{name}: Predictor.predict"):
+            preds[name] = Predictor.load(model_dir, device="cpu", quantize=quantize)
+            speed[name] = throughput(preds[name], texts, args.batch, passes)
+        print(f"  {name}: {speed[name]['texts_per_s']} texts/s", flush=True)
+    speedup = speed["int8"]["texts_per_s"] / speed["fp32"]["texts_per_s"]
+    gpu_ref = None
+    if torch.cuda.is_available():
+        gpu_ref = throughput(Predictor.load(model_dir, device="cuda"), texts, args.batch, passes)
+
+    # metrics on the test sets, when the model is trained and its labels match the data
+    metrics, drop, why_not = {}, None, None
+    manifest_tasks = {t: (preds["fp32"].model.tasks[t].kind, preds["fp32"].model.tasks[t].labels)
+                      for t in preds["fp32"].task_names}
+    if not trained:
+        why_not = "untrained model: metrics not measured"
+    elif any(t not in data or data[t].labels != labels for t, (_, labels) in manifest_tasks.items()):
+        why_not = f"the model's tasks/labels do not match config {cfg.name!r}: metrics not measured"
+    else:
+        rows = {t: data[t].splits["test"][:test_rows] if test_rows else data[t].splits["test"]
+                for t in manifest_tasks}
+        for name in ("fp32", "int8"):
+            with phase(f"{name}: test_report on {sum(len(r) for r in rows.values())} test rows"):
+                t0 = time.time()
+                rep = test_report(preds[name].model, preds[name].tokenizer, rows, batch_size=64)
+                metrics[name] = {t: r["metrics"] for t, r in rep.items()}
+                metrics[name]["_seconds"] = round(time.time() - t0, 2)
+        per_task = {}
+        for t, (kind, labels) in manifest_tasks.items():
+            m = primary_metric(kind, labels)
+            a, b = metrics["fp32"][t][m], metrics["int8"][t][m]
+            per_task[t] = {"metric": m, "fp32": round(100 * a, 2), "int8": round(100 * b, 2),
+                           "drop_pts": round(100 * (a - b), 2)}
+            print(f"  {t} {m}: fp32 {100 * a:.2f}, int8 {100 * b:.2f} ({100 * (b - a):+.2f} pts)", flush=True)
+        metrics["per_task"] = per_task
+        drop = max(v["drop_pts"] for v in per_task.values())
+    tmp_note = source
+    tmp.cleanup()
+
+    figures = {
+        "model": (str(model_dir.relative_to(ROOT)) if model_dir.is_relative_to(ROOT) else str(model_dir))
+        if trained else tmp_note,
+        "model_source": source,
+        "trained": trained,
+        "config": cfg.name,
+        "threads": n_threads,
+        "texts": len(texts),
+        "batch": args.batch,
+        "tasks_per_request": len(manifest_tasks),
+        "fp32": speed["fp32"],
+        "int8": speed["int8"],
+        "speedup_int8_over_fp32": round(speedup, 3),
+        "fp32_cuda_reference": gpu_ref,
+        "test_rows_per_task_cap": test_rows,
+        "metrics": metrics or None,
+        "max_metric_drop_pts": drop,
+        "metrics_not_measured_because": why_not,
+    }
+    print(f"int8 speed-up {speedup:.2f}×" + (f"; largest metric drop {drop:.2f} pts" if drop is not None
+                                             else f"; {why_not}"), flush=True)
+    return write_result(NAME, "int8 dynamic quantization vs fp32 (Predictor, CPU)", args, figures, [
+        target("int8_speedup", speedup, 1.5, ">=", "×", note="texts/s, batches of 32, all tasks"),
+        target("max_metric_drop", drop, 1.0, "<=", " pts",
+               note=why_not or "largest per-task drop of the primary test metric"),
+    ], notes=[
+        "int8 = torch.ao.quantization.quantize_dynamic of the encoder's Linear layers (mtl.predictor); "
+        "embeddings, LayerNorm, attention matmuls and heads stay fp32.",
+        "Both models run on CPU at the same thread count; speed is the best of the passes.",
+        "Texts are the test sets interleaved (ATIS queries, Rotten Tomatoes reviews, BBC articles).",
+    ])
+
+
+if __name__ == "__main__":
+    main()
