@@ -1,0 +1,224 @@
+"""tune/sweep.py on a real local Ray and MLflow on SQLite, with the tiny encoder and two ATIS tasks:
+ASHA stops weak trials, one MLflow child run per trial (none left RUNNING), the champion is the best
+trial, and an interrupted sweep resumes without running its finished trials again."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+from mtl.config import config_from_dict
+
+pytestmark = pytest.mark.slow
+
+
+def small_config(tmp: Path, encoder: Path, name: str, tune: dict | None = None, train: dict | None = None):
+    raw = {
+        "name": name,
+        "output_dir": str(tmp / "runs"),
+        "seed": 7,
+        "model": {"encoder": str(encoder), "max_length": 32},
+        "tasks": [
+            {"name": "intent", "kind": "sequence_classification",
+             "source": {"type": "atis", "field": "intent"}, "max_examples": 120},
+            {"name": "slots", "kind": "token_classification",
+             "source": {"type": "atis", "field": "slots"}, "max_examples": 120},
+        ],
+        "train": {"num_workers": 1, "cpus_per_worker": 1, "batch_size": 8, "max_steps": 16, "eval_every": 2,
+                  "sampling": "round_robin", "patience": None, "eval_batch_size": 64, "use_gpu": False,
+                  "warmup_ratio": 0.0, **(train or {})},
+        "mlflow": {"tracking_uri": f"sqlite:///{tmp}/mlflow.db", "experiment": name, "registered_model": name},
+        "tune": {"num_samples": 4, "max_concurrent": 2, "grace_period": 1, "reduction_factor": 2,
+                 "space": {"lr": [1e-4, 5e-2], "task_weights": True}, **(tune or {})},
+    }
+    return config_from_dict(raw)
+
+
+def _client(cfg):
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.tracking import absolute_tracking_uri
+
+    uri = absolute_tracking_uri(cfg.mlflow.tracking_uri)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def _runs(client, cfg, stage: str | None = None):
+    exp = client.get_experiment_by_name(cfg.mlflow.experiment)
+    filt = f"tags.`mtl_ray.stage` = '{stage}'" if stage else ""
+    return client.search_runs([exp.experiment_id], filter_string=filt, max_results=1000)
+
+
+@pytest.fixture(scope="module")
+def sweep(ray_session, tiny_encoder, tmp_path_factory):
+    from tune.sweep import run_sweep
+
+    tmp = tmp_path_factory.mktemp("sweep")
+    cfg = small_config(tmp, tiny_encoder, "sweep-test")
+    return cfg, run_sweep(cfg)
+
+
+def test_asha_stopped_a_trial_before_the_budget(sweep):
+    cfg, out = sweep
+    table = out["table"]
+    budget = 8  # ceil(16 / 2) evaluations
+    assert out["trials"] == len(table) == 4
+    assert table["iterations"].max() == budget  # at least one trial ran its whole budget
+    assert (table["iterations"] < budget).sum() >= 1  # ... and ASHA cut at least one short
+    assert out["stopped_early"] == int(table["stopped_early"].sum()) >= 1
+    assert (table.loc[table["stopped_early"], "iterations"] < budget).all()
+    # iterations come from Tune's own records, not from the table's arithmetic
+    from ray.tune import ExperimentAnalysis
+
+    analysis = ExperimentAnalysis(str(Path(out["sweep_dir"]) / "trials"))
+    iters = {t.trial_id: t.last_result["training_iteration"] for t in analysis.trials}
+    assert iters == dict(zip(table["trial_id"], table["iterations"]))
+    # weights on the simplex, scaled to the number of tasks
+    lam = table[["lambda/intent", "lambda/slots"]].to_numpy()
+    assert (lam > 0).all() and abs(lam.sum(1) - 2).max() < 1e-6
+
+
+def test_mlflow_holds_one_parent_and_a_child_per_trial(sweep):
+    cfg, out = sweep
+    client = _client(cfg)
+    parents = _runs(client, cfg, "sweep")
+    children = _runs(client, cfg, "trial")
+    assert [p.info.run_id for p in parents] == [out["parent_run_id"]]
+    assert len(children) == 4 == len(_runs(client, cfg)) - 1
+    assert all(c.data.tags["mlflow.parentRunId"] == out["parent_run_id"] for c in children)
+    statuses = {c.data.tags["mtl_ray.trial_id"]: c.info.status for c in children}
+    assert set(statuses) == set(out["table"]["trial_id"])
+    assert "RUNNING" not in statuses.values() and parents[0].info.status == "FINISHED"
+    table = out["table"].set_index("trial_id")
+    for c in children:
+        tid = c.data.tags["mtl_ray.trial_id"]
+        # ASHA-stopped trials are KILLED, the others FINISHED
+        assert c.info.status == ("KILLED" if table.loc[tid, "stopped_early"] else "FINISHED"), tid
+        # the child holds the trial's params and its per-task curves
+        assert float(c.data.params["trial.lr"]) == pytest.approx(table.loc[tid, "lr"], rel=1e-6)
+        assert float(c.data.params["trial.lambda.slots"]) == pytest.approx(table.loc[tid, "lambda/slots"], abs=1e-5)
+        curve = client.get_metric_history(c.info.run_id, "val/intent/accuracy")
+        # a stopped trial's workers may log an evaluation or two more before the trial is killed
+        assert len(curve) >= table.loc[tid, "iterations"]
+        if not table.loc[tid, "stopped_early"]:
+            assert len(curve) == 8
+        assert [m.step for m in sorted(curve, key=lambda m: m.step)][:2] == [2, 4]
+        assert client.get_metric_history(c.info.run_id, "train/loss/slots")
+
+
+def test_champion_is_the_best_trial(sweep):
+    cfg, out = sweep
+    client = _client(cfg)
+    mv = client.get_model_version_by_alias(cfg.mlflow.registered_model, "champion")
+    assert str(mv.version) == str(out["registered_version"])
+    assert mv.run_id == out["parent_run_id"]
+    # the trial behind the champion has the highest objective of all child runs (MLflow's own records)
+    best_by_run = {}
+    for c in _runs(client, cfg, "trial"):
+        hist = client.get_metric_history(c.info.run_id, "objective")
+        best_by_run[c.info.run_id] = max(m.value for m in hist)
+    winner = max(best_by_run, key=best_by_run.get)
+    assert mv.tags["mtl_ray.trial_run_id"] == winner
+    assert best_by_run[winner] == pytest.approx(out["best"]["objective"], abs=1e-9)
+    assert float(mv.tags["mtl_ray.validation_objective"]) == pytest.approx(best_by_run[winner], abs=1e-5)
+    winner_run = client.get_run(winner)
+    parent = client.get_run(out["parent_run_id"])
+    assert parent.data.params["best.lr"] == str(out["best"]["lr"])
+    assert float(winner_run.data.params["trial.lr"]) == pytest.approx(out["best"]["lr"], rel=1e-6)
+    assert parent.data.metrics["best_objective"] == pytest.approx(best_by_run[winner])
+    assert set(out["test_metrics"]) == {"intent", "slots"}
+    assert parent.data.metrics["test/intent/accuracy"] == pytest.approx(out["test_metrics"]["intent"]["accuracy"])
+    # the copied model is the best checkpoint: its manifest's validation step is the best step
+    assert (Path(out["sweep_dir"]) / "model").is_dir()
+
+
+def test_parent_holds_the_table_plot_and_model(sweep):
+    cfg, out = sweep
+    client = _client(cfg)
+    parent = out["parent_run_id"]
+    files = {a.path for a in client.list_artifacts(parent, "sweep")}
+    assert files == {"sweep/sweep_table.csv", "sweep/sweep.png"}
+    import pandas as pd
+
+    local = client.download_artifacts(parent, "sweep/sweep_table.csv")
+    csv = pd.read_csv(local)
+    assert len(csv) == 4 and {"trial_id", "lr", "lambda/intent", "objective", "iterations",
+                              "stopped_early", "val/slots/f1"} <= set(csv.columns)
+    png = Path(client.download_artifacts(parent, "sweep/sweep.png"))
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    top = {a.path for a in client.list_artifacts(parent)}
+    assert {"model_card.md", "reports", "plots", "summary.json"} <= top
+    # the model is an MLflow logged model of the parent run, the one the registry points at
+    model_id = out["model_uri"].rsplit("/", 1)[-1]
+    assert client.get_logged_model(model_id).source_run_id == parent
+    mv = client.get_model_version_by_alias(cfg.mlflow.registered_model, "champion")
+    assert mv.source == out["model_uri"]
+
+
+def _interrupt_after_first_trial(marker: Path):
+    """A Tune callback that sends the driver SIGINT (Ctrl-C) once a trial has finished: Tune saves
+    its state and stops, leaving the other trial unfinished. Tune saves the callbacks with the
+    experiment and restores them on resume, so a marker file makes it fire only once."""
+    from ray import tune as ray_tune
+
+    class Interrupt(ray_tune.Callback):
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            if not marker.exists():
+                marker.write_text(trial.trial_id)
+                os.kill(os.getpid(), signal.SIGINT)
+
+    return Interrupt()
+
+
+def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(ray_session, tiny_encoder, tmp_path):
+    import pandas as pd
+
+    from tune.sweep import SweepInterrupted, run_sweep
+
+    cfg = small_config(tmp_path, tiny_encoder, "resume-test",
+                       tune={"num_samples": 2, "max_concurrent": 2, "compare_equal": True},
+                       train={"max_steps": 6})
+    with pytest.raises(SweepInterrupted):
+        run_sweep(cfg, callbacks=[_interrupt_after_first_trial(tmp_path / "interrupted")])
+    sweep_dirs = list((tmp_path / "runs" / "resume-test").glob("sweep-*"))
+    assert len(sweep_dirs) == 1
+    starts = sweep_dirs[0] / "starts"
+    first = {d.name: sorted(p.name for p in d.iterdir()) for d in starts.iterdir()}
+    client = _client(cfg)
+    assert all(r.info.status != "RUNNING" for r in _runs(client, cfg))
+    from ray.tune import ExperimentAnalysis
+
+    analysis = ExperimentAnalysis(str(sweep_dirs[0] / "trials"))
+    before = {t.trial_id: (t.status, dict(t.last_result)) for t in analysis.trials}
+    done = [tid for tid, (status, _) in before.items() if status == "TERMINATED"]
+    assert len(before) == 2 and done == [(tmp_path / "interrupted").read_text()]
+    best_before = analysis.trial_dataframes[done[0]]["objective"].max()
+
+    out = run_sweep(cfg, resume=True)
+    assert out["sweep_dir"] == str(sweep_dirs[0]) and out["trials"] == 2
+    after = {d.name: sorted(p.name for p in d.iterdir()) for d in starts.iterdir()}
+    table = out["table"].set_index("trial_id")
+    # the finished trial was not started again and kept its results
+    assert after[done[0]] == first[done[0]] == ["1"]
+    assert table.loc[done[0], "iterations"] == before[done[0]][1]["training_iteration"]
+    assert table.loc[done[0], "objective"] == pytest.approx(best_before)
+    # the other one ran (again) to the end
+    other = next(t for t in before if t != done[0])
+    assert len(after[other]) >= 1 and table.loc[other, "iterations"] >= 1
+    # MLflow: one parent, one child per trial (+ the equal-weights trial), nothing left open
+    runs = _runs(client, cfg)
+    assert len(_runs(client, cfg, "sweep")) == 1 and len(_runs(client, cfg, "trial")) == 2
+    assert len(_runs(client, cfg, "equal_weights")) == 1 and len(runs) == 4
+    assert all(r.info.status == "FINISHED" or r.info.status == "KILLED" for r in runs)
+    assert _runs(client, cfg, "sweep")[0].info.status == "FINISHED"
+    # the equal-weights comparison: λ = 1 for both tasks at the best trial's lr
+    eq = out["equal_weights"]
+    assert eq is not None and eq["lr"] == pytest.approx(out["best"]["lr"])
+    eq_run = _runs(client, cfg, "equal_weights")[0]
+    assert float(eq_run.data.params["trial.lambda.intent"]) == pytest.approx(1.0)
+    assert float(eq_run.data.params["trial.lambda.slots"]) == pytest.approx(1.0)
+    assert eq["best_minus_equal"] == pytest.approx(out["best"]["objective"] - eq["objective"])
+    assert isinstance(out["table"], pd.DataFrame)
