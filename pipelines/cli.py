@@ -5,6 +5,7 @@
     mtl-ray tune  --config configs/quick.yaml            # a Ray Tune sweep, winner registered as champion
     mtl-ray run   --config configs/quick.yaml [--serve]  # data -> sweep/train -> test -> register (-> serve)
     mtl-ray serve --model models:/mtl-ray-quick@champion # Ray Serve on 127.0.0.1:8000
+    mtl-ray evaluate --config ... --model DIR            # an artifact's metrics on the test sets (no Ray)
 
 Config errors, missing data packages and wrong columns are reported before Ray starts.
 """
@@ -60,6 +61,30 @@ def cmd_run(args) -> int:
     return 0
 
 
+def cmd_evaluate(args) -> int:
+    """Evaluate an artifact (or a checkpoint's model/) on the config's split, in-process (no Ray)."""
+    import time
+
+    import torch
+
+    from mtl.evaluation import test_report
+    from mtl.model import MultiTaskModel
+    from mtl.registry import local_artifact
+    from pipelines.data import read_tasks
+
+    cfg = _config(args)
+    data = read_tasks(cfg)
+    t0 = time.time()
+    model, tokenizer = MultiTaskModel.load(local_artifact(args.model, cfg.mlflow.tracking_uri),
+                                           "cuda" if torch.cuda.is_available() else "cpu")
+    rows = {t: d.splits[args.split] for t, d in data.items() if t in model.tasks}
+    report = test_report(model, tokenizer, rows, cfg.train.eval_batch_size)
+    out = {t: {"n": r["n"], **r["metrics"]} for t, r in report.items()}
+    print(json.dumps({"split": args.split, "model": args.model, "seconds": round(time.time() - t0, 1),
+                      "metrics": out}, indent=2))
+    return 0
+
+
 def cmd_serve(args) -> int:
     from serve.app import run_server
 
@@ -94,6 +119,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = with_config(sub.add_parser("run", help="the whole pipeline: data, sweep or train, test, register"))
     p.add_argument("--serve", action="store_true", help="serve the champion afterwards and print a sample request")
     p.set_defaults(func=cmd_run)
+
+    p = with_config(sub.add_parser("evaluate", help="metrics of a model artifact on the config's test (or other) split"))
+    p.add_argument("--model", required=True, help="artifact directory, models:/<name>@<alias> or runs:/<id>/model")
+    p.add_argument("--split", default="test", choices=["train", "validation", "test"])
+    p.set_defaults(func=cmd_evaluate)
 
     p = with_config(sub.add_parser("serve", help="serve a model artifact or models:/ URI on Ray Serve"), required=False)
     p.add_argument("--model", required=True, help="artifact directory, models:/<name>@<alias> or runs:/<id>/model")

@@ -131,3 +131,19 @@ def test_usage_errors():
     with pytest.raises(SystemExit) as err:
         main(["bogus"])
     assert err.value.code == 2
+
+
+def test_evaluate_prints_the_predictor_metrics_of_an_artifact(tiny_artifact, quick_data, capsys):
+    """`mtl-ray evaluate` reports, per task, the same metrics test_report computes in-process."""
+    from mtl.evaluation import test_report
+    from mtl.model import MultiTaskModel
+
+    cfg_path = Path(__file__).resolve().parents[2] / "configs" / "quick.yaml"
+    assert main(["evaluate", "--config", str(cfg_path), "--model", str(tiny_artifact), "--split", "validation"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    cfg, data = quick_data
+    model, tok = MultiTaskModel.load(tiny_artifact)
+    expected = test_report(model, tok, {t: d.splits["validation"] for t, d in data.items()})
+    assert out["split"] == "validation"
+    for task, res in expected.items():
+        assert out["metrics"][task] == {"n": res["n"], **res["metrics"]}
