@@ -59,9 +59,14 @@ def ray_cluster():
     """`ray start --head` on 127.0.0.1 with its own ports; `ray stop` afterwards."""
     env = cluster_env()
     gcs, dash = free_port(), free_port()
+    # every fixed default port moved, so a Ray already running here (the test session's) cannot
+    # hold the new node's agent ports ("No available agent to submit job")
+    ports = [f"--{name}={free_port()}" for name in (
+        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
+        "runtime-env-agent-port", "ray-client-server-port", "node-manager-port", "object-manager-port")]
     subprocess.run([str(BIN / "ray"), "start", "--head", f"--port={gcs}", "--num-cpus=4",
                     "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--include-dashboard=true",
-                    "--disable-usage-stats"], env=env, check=True, capture_output=True, timeout=180)
+                    "--disable-usage-stats", *ports], env=env, check=True, capture_output=True, timeout=180)
     try:
         yield f"http://127.0.0.1:{dash}", f"127.0.0.1:{gcs}", env
     finally:
@@ -74,17 +79,22 @@ def test_ray_job_submit_runs_the_pipeline_and_registers_champion(tmp_path, tiny_
     dashboard, gcs, env = ray_cluster
     config = tiny_quick_config(tmp_path, tiny_encoder)
     env = {**env, "RAY_API_SERVER_ADDRESS": dashboard, "RAY_ADDRESS": gcs}
-    submit = subprocess.run(
-        [str(BIN / "ray"), "job", "submit", "--address", dashboard, "--no-wait",
-         "--working-dir", str(config.parent), "--", "mtl-ray", "run", "--config", config.name],
-        env=env, capture_output=True, text=True, timeout=300)
+    for _ in range(12):  # the dashboard's job agent comes up a few seconds after `ray start`
+        submit = subprocess.run(
+            [str(BIN / "ray"), "job", "submit", "--address", dashboard, "--no-wait",
+             "--working-dir", str(config.parent), "--", "mtl-ray", "run", "--config", config.name],
+            env=env, capture_output=True, text=True, timeout=300)
+        if submit.returncode == 0 or "No available agent" not in submit.stderr:
+            break
+        time.sleep(5)
     assert submit.returncode == 0, submit.stderr[-2000:]
     job_id = next(w for line in submit.stdout.splitlines() for w in line.split("'") if w.startswith("raysubmit_"))
     status, deadline = "", time.time() + 900
     while time.time() < deadline:
         out = subprocess.run([str(BIN / "ray"), "job", "status", "--address", dashboard, job_id],
                              env=env, capture_output=True, text=True, timeout=120).stdout
-        status = next((s for s in ("SUCCEEDED", "FAILED", "STOPPED") if s in out), "")
+        # `ray job status` prints "Job '<id>' succeeded" or "Status for job '<id>': FAILED"
+        status = next((s.upper() for s in ("succeeded", "failed", "stopped") if s in out.lower()), "")
         if status:
             break
         time.sleep(5)
