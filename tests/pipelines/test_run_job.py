@@ -3,11 +3,15 @@ as an MLflow pyfunc."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -54,10 +58,37 @@ def tiny_quick_config(tmp: Path, encoder: Path) -> Path:
     return path
 
 
+def _pids_with(marker: str) -> list[int]:
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                if marker.encode() in (proc / "cmdline").read_bytes():
+                    pids.append(int(proc.name))
+            except OSError:
+                pass
+    return pids
+
+
+def stop_cluster(temp_dir: str, timeout: float = 30.0) -> None:
+    """Stop only the processes of the cluster whose temp dir is ``temp_dir`` (Linux /proc). `ray
+    stop` would kill every Ray on the machine, the test session's own among them."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in _pids_with(temp_dir):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        deadline = time.time() + timeout
+        while _pids_with(temp_dir) and time.time() < deadline:
+            time.sleep(0.5)
+        if not _pids_with(temp_dir):
+            return
+
+
 @pytest.fixture(scope="module")
 def ray_cluster():
-    """`ray start --head` on 127.0.0.1 with its own ports; `ray stop` afterwards."""
+    """`ray start --head` on 127.0.0.1 with its own ports and temp dir; only it is stopped afterwards."""
     env = cluster_env()
+    temp_dir = tempfile.mkdtemp(prefix="rayjob-", dir="/tmp")  # short: Ray's socket paths have a length limit
     gcs, dash = free_port(), free_port()
     # every fixed default port moved, so a Ray already running here (the test session's) cannot
     # hold the new node's agent ports ("No available agent to submit job")
@@ -66,11 +97,13 @@ def ray_cluster():
         "runtime-env-agent-port", "ray-client-server-port", "node-manager-port", "object-manager-port")]
     subprocess.run([str(BIN / "ray"), "start", "--head", f"--port={gcs}", "--num-cpus=4",
                     "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--include-dashboard=true",
-                    "--disable-usage-stats", *ports], env=env, check=True, capture_output=True, timeout=180)
+                    "--disable-usage-stats", f"--temp-dir={temp_dir}", *ports],
+                   env=env, check=True, capture_output=True, timeout=180)
     try:
         yield f"http://127.0.0.1:{dash}", f"127.0.0.1:{gcs}", env
     finally:
-        subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
+        stop_cluster(temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def test_ray_job_submit_runs_the_pipeline_and_registers_champion(tmp_path, tiny_encoder, ray_cluster):
