@@ -23,7 +23,15 @@ import time
 
 import numpy as np
 
-from benchmarks.common import FULL_CONFIG, QUICK_CONFIG, load_cfg, parser, phase, write_result
+from benchmarks.common import (
+    FULL_CONFIG,
+    QUICK_CONFIG,
+    load_cfg,
+    parser,
+    phase,
+    start_ray,
+    write_result,
+)
 
 NAME = "data_tokenize"
 
@@ -51,10 +59,9 @@ def hf_tokenize(cfg, data, tok_dir: str, num_proc: int | None) -> tuple[float, d
 
 def ray_tokenize(cfg, data, tok_dir: str) -> tuple[float, float, dict]:
     from pipelines.data import build_datasets
-    from pipelines.ray_utils import init_ray
 
     t0 = time.perf_counter()
-    init_ray(log_to_driver=False)
+    start_ray()
     t1 = time.perf_counter()
     materialized = {k: ds.materialize() for k, ds in build_datasets(cfg, data, tok_dir).items()}
     t2 = time.perf_counter()

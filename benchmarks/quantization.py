@@ -1,10 +1,11 @@
 """int8 dynamic quantization vs fp32 in the serving path: texts/s and test metrics per task.
 
-    python -m benchmarks.quantization --quick                 # 256 texts; test sets cut to 200 rows
+    python -m benchmarks.quantization --quick                 # 128 texts; test sets cut to 100 rows
     python -m benchmarks.quantization --model runs/x/train-y/model
     python -m benchmarks.quantization                         # newest trained model under runs/
 
-The model: ``--model DIR`` (an artifact), else the newest ``runs/**/model/manifest.json``, else
+The model: ``--model DIR`` (an artifact), else the newest ``runs/*/train-*/model``, else the newest
+model in a Ray checkpoint of a run in progress (``runs/**/checkpoint_*/model``), else
 (full run) the quick config trained for a while (``run_training``, MLflow off, outputs in a temp
 dir), or (``--quick``) an untrained MiniLM-based artifact with the quick config's tasks: speed is
 measured, metrics are marked not measured (an untrained model's metrics say nothing).
@@ -32,6 +33,7 @@ from benchmarks.common import (
     parser,
     phase,
     primary_metric,
+    start_ray,
     target,
     threads,
     write_result,
@@ -41,8 +43,23 @@ NAME = "quantization"
 
 
 def newest_model(root: Path = ROOT / "runs") -> Path | None:
-    found = sorted(root.glob("**/model/manifest.json"), key=lambda p: p.stat().st_mtime) if root.is_dir() else []
-    return found[-1].parent if found else None
+    """The newest finished model (runs/<name>/train-*/model), else the newest model inside a Ray
+    checkpoint of a run still in progress (runs/**/checkpoint_*/model), else None."""
+    if not root.is_dir():
+        return None
+    for pattern in ("*/train-*/model/manifest.json", "**/model/manifest.json"):
+        found = sorted(root.glob(pattern), key=lambda p: p.stat().st_mtime)
+        if found:
+            return found[-1].parent
+    return None
+
+
+def _run_name(model_dir: Path) -> str | None:
+    """runs/<name>/train-*/... -> <name>."""
+    for parent in model_dir.resolve().parents:
+        if parent.name.startswith("train-"):
+            return parent.parent.name
+    return None
 
 
 def config_for(model_dir: Path, explicit: str | None):
@@ -56,7 +73,7 @@ def config_for(model_dir: Path, explicit: str | None):
         return load_cfg(explicit)
     names = [t["name"] for t in read_manifest(model_dir)["tasks"]]
     candidates = sorted((ROOT / "configs").glob("*.yaml"))
-    run_name = model_dir.parent.parent.name if model_dir.parent.name.startswith("train-") else None
+    run_name = _run_name(model_dir)
     for path in candidates:
         raw = yaml.safe_load(path.read_text()) or {}
         if run_name and raw.get("name") == run_name:
@@ -104,9 +121,9 @@ def main(argv: list[str] | None = None) -> dict:
     p = parser(__doc__)
     p.add_argument("--model", help="artifact directory (default: newest runs/**/model)")
     p.add_argument("--config", help="the config the model was trained with (default: found from the run)")
-    p.add_argument("--texts", type=int, default=None, help="texts per speed pass (quick 256, full 1024)")
+    p.add_argument("--texts", type=int, default=None, help="texts per speed pass (quick 128, full 1024)")
     p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--test-rows", type=int, default=None, help="cap per task test set (quick 200, full: all)")
+    p.add_argument("--test-rows", type=int, default=None, help="cap per task test set (quick 100, full: all)")
     args = p.parse_args(argv)
     import torch
 
@@ -116,15 +133,17 @@ def main(argv: list[str] | None = None) -> dict:
 
     n_threads = threads(args)
     torch.set_num_threads(n_threads)
-    n_texts = args.texts or (256 if args.quick else 1024)
-    test_rows = args.test_rows or (200 if args.quick else None)
+    n_texts = args.texts or (128 if args.quick else 1024)
+    test_rows = args.test_rows or (100 if args.quick else None)
     passes = 2 if args.quick else 3
     tmp = tempfile.TemporaryDirectory(prefix="bench-quant-")
     model_dir = Path(args.model) if args.model else newest_model()
     source, trained = "", True
     cfg = None
     if model_dir is not None:
-        source = "--model" if args.model else "newest runs/**/model"
+        source = "--model" if args.model else (
+            "newest finished runs/*/train-*/model" if model_dir.parent.name.startswith("train-")
+            else "newest checkpoint of a run in progress (runs/**/checkpoint_*/model)")
         cfg = config_for(model_dir, args.config)
     elif args.quick:
         cfg = load_cfg(QUICK_CONFIG)
@@ -133,6 +152,7 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         from pipelines.train import run_training
 
+        start_ray()
         cfg = load_cfg(QUICK_CONFIG, [f"output_dir={tmp.name}", "train.max_steps=240"])
         with phase("no trained model found: training the quick config (240 steps)"):
             model_dir = Path(run_training(cfg)["model_dir"])

@@ -5,11 +5,12 @@
     python -m benchmarks.run_all --report-only    # only rewrite BENCHMARKS.md from the JSON files
     python -m benchmarks.run_all --only mfu,comm_hook
 
-Scripts run one after another, each in its own process (a failure is recorded and the rest go on):
-train_overhead, mfu, data_tokenize, comm_hook, quantization, mtl_vs_single, and
-benchmarks/serve_load.py when it is there, and any other benchmarks/*.py (run with --quick too). BENCHMARKS.md gets a table of every target (value, met
-or missed, date), each benchmark's headline figures with the machine, versions and the exact
-command, and keeps the hand-written "What limits it" section between its markers as it is.
+Scripts run one after another, each in its own process with a Ray of its own (``RAY_ADDRESS=local``
+unless RAY_ADDRESS names a cluster); a failure is recorded and the rest go on: train_overhead, mfu,
+data_tokenize, comm_hook, quantization, mtl_vs_single, benchmarks/serve_load.py when it is there,
+and any other benchmarks/*.py (each takes --quick). BENCHMARKS.md gets a table of every target
+(value, met or missed, date), each benchmark's headline figures with the machine, versions and the
+exact command, and keeps the hand-written "What limits it" section between its markers as it is.
 """
 
 from __future__ import annotations
@@ -67,8 +68,11 @@ def run_one(name: str, cmd: list[str], timeout: float) -> dict[str, Any]:
     print(f"\n===== {name}: {' '.join(cmd)}", flush=True)
     t0 = time.time()
     tail: deque[str] = deque(maxlen=40)
+    # each script gets a Ray of its own unless RAY_ADDRESS names a cluster: ray.init() would otherwise
+    # join whatever `ray start` cluster runs on the machine (and init_ray's num_cpus fails there)
+    env = {**os.environ, "RAY_ADDRESS": os.environ.get("RAY_ADDRESS") or "local"}
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            errors="replace", start_new_session=True)
+                            errors="replace", start_new_session=True, env=env)
 
     def pump() -> None:
         assert proc.stdout is not None
@@ -219,6 +223,8 @@ def write_report(run: dict | None = None) -> Path:
     if run:
         lines += [f"Last `run_all`: {run['started']} ({'quick' if run['quick'] else 'full'}), "
                   f"{run['seconds']:.0f} s, `{run['command']}`, commit {run.get('git_commit')}.", ""]
+        for part in run.get("partial_runs", []):
+            lines += [f"Re-run since: {', '.join(part['scripts'])} at {part['started']} (`{part['command']}`).", ""]
         bad = [s for s in run["scripts"] if s["status"] != "ok"]
         if bad:
             lines += ["Did not finish in that run: " + ", ".join(f"{s['name']} ({s['status']}, rc {s['rc']})"
@@ -300,10 +306,23 @@ def main(argv: list[str] | None = None) -> int:
         timeout = args.timeout or (900 if args.quick else 14400)
         started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
         t0 = time.time()
-        scripts = [run_one(n, cmds[n], timeout) for n in names]
+        done = [run_one(n, cmds[n], timeout) for n in names]
         run = {"started": started, "quick": args.quick, "seconds": round(time.time() - t0, 1),
                "command": command_line(), "git_commit": git_commit(), "machine": machine_info(),
-               "versions": versions(), "scripts": scripts}
+               "versions": versions(), "scripts": done}
+        previous = RESULTS / "run_all.json"
+        if (args.only or args.skip) and previous.is_file():
+            # a partial run: keep the last full run's record of the scripts not run now
+            old = json.loads(previous.read_text())
+            if old.get("quick") == args.quick:
+                mine = {s["name"] for s in done}
+                run["scripts"] = [s if s["name"] not in mine else next(d for d in done if d["name"] == s["name"])
+                                  for s in old["scripts"]] + [d for d in done if d["name"] not in
+                                                              {s["name"] for s in old["scripts"]}]
+                run["started"] = old["started"]
+                run["partial_runs"] = [*old.get("partial_runs", []), {"started": started, "command": run["command"],
+                                                                      "scripts": sorted(mine)}]
+                run["command"], run["seconds"] = old["command"], old["seconds"] + run["seconds"]
         RESULTS.mkdir(parents=True, exist_ok=True)
         (RESULTS / "run_all.json").write_text(json.dumps(run, indent=2) + "\n")
     elif (RESULTS / "run_all.json").is_file():

@@ -1,6 +1,6 @@
 """Ray Train's overhead on the training loop: samples/s of a 1-worker TorchTrainer vs a plain PyTorch loop.
 
-    python -m benchmarks.train_overhead --quick      # 8 steps each side
+    python -m benchmarks.train_overhead --quick      # 16 steps each side
     python -m benchmarks.train_overhead              # 120 steps each side, two rounds
 
 Both sides train MiniLM (the embedded encoder) on the quick config's four tasks with the same
@@ -34,6 +34,7 @@ from benchmarks.common import (
     load_cfg,
     parser,
     phase,
+    start_ray,
     target,
     threads,
     tokenize_arrays,
@@ -86,16 +87,15 @@ def ray_run(cfg, data, workdir: Path, tag: str) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     p = parser(__doc__)
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps per side (quick 8, full 120)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps per side (quick 16, full 120)")
     p.add_argument("--rounds", type=int, default=None, help="plain+Ray rounds (quick 1, full 2)")
     p.add_argument("--batch-size", type=int, default=16)
     args = p.parse_args(argv)
-    steps = args.steps or (8 if args.quick else 120)
+    steps = args.steps or (16 if args.quick else 120)
     rounds = args.rounds or (1 if args.quick else 2)
     n_threads = threads(args)
 
     from pipelines.data import read_tasks
-    from pipelines.ray_utils import init_ray
 
     cfg = load_cfg(QUICK_CONFIG, [
         "train.sampling=round_robin", f"train.max_steps={steps}", f"train.eval_every={steps}",
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     with phase("ray.init"):
         t0 = time.time()
-        init_ray(log_to_driver=False)
+        start_ray()
         ray_start_s = time.time() - t0
 
     plain, ray_ = [], []

@@ -474,24 +474,21 @@ def run_sweep(cfg: RunConfig, resume: bool = False, data: dict[str, Any] | None 
     ``test_metrics``, ``model_uri``, ``registered_version``, ``parent_run_id``, ``sweep_dir``,
     ``table`` (a DataFrame, one row per trial), ``wall_s``, ``trials``, ``stopped_early``, and
     ``equal_weights`` (the equal-weights trial's objective, with ``tune.compare_equal``; else None)."""
-    import pandas as pd
-
     from pipelines import tracking
     from pipelines.data import read_tasks
     from pipelines.ray_utils import init_ray
-    from pipelines.train import check_train_config, evaluate_test
+    from pipelines.train import check_train_config
 
     t0 = time.time()
     if cfg.tune is None:
         cfg = cfg.model_copy(update={"tune": TuneSpec()})
-    spec = cfg.tune
     check_train_config(cfg)
     check_space(cfg)
     data = data or read_tasks(cfg)  # fails before Ray on bad data
     init_ray()
     sweep_dir = _sweep_dir(cfg, resume)
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    tasks = cfg.task_names
+    spec = cfg.tune
     budget = max_t(cfg.train.max_steps, cfg.train.eval_every)
     n_concurrent = concurrency(cfg)
     uri = tracking.absolute_tracking_uri(cfg.mlflow.tracking_uri)
@@ -500,26 +497,37 @@ def run_sweep(cfg: RunConfig, resume: bool = False, data: dict[str, Any] | None 
     print(f"[tune] {cfg.name}: {spec.num_samples} trials ({spec.search} search, ASHA max_t {budget}, "
           f"grace {spec.grace_period}, η {spec.reduction_factor}), {n_concurrent} at a time; outputs in {sweep_dir}",
           flush=True)
-    trial_cfg = _trial_config(cfg)
-    all_callbacks = [_run_closer(uri, parent, cfg.train.max_steps)] + list(callbacks or [])
     try:
-        tuner = _tuner(cfg, _trainable(trial_cfg, data, parent, sweep_dir, STAGE_TRIAL), sweep_dir,
-                       all_callbacks, resume, max_concurrent=n_concurrent)
-        grid = _fit(tuner, sweep_dir / EXPERIMENT, uri, parent)
+        summary = _sweep(cfg, data, sweep_dir, parent, uri, budget, n_concurrent, callbacks, resume, t0)
     except SweepInterrupted:
         raise
     except BaseException:
-        if parent:
-            _close_runs(uri, parent, "FAILED")
+        if parent:  # nothing stays RUNNING: open trial runs were cut short, the sweep failed
+            _close_runs(uri, parent, "KILLED")
             tracking.end_run(parent, "FAILED")
         raise
+    return summary
+
+
+def _sweep(cfg: RunConfig, data: dict[str, Any], sweep_dir: Path, parent: str | None, uri: str, budget: int,
+           n_concurrent: int, callbacks: list | None, resume: bool, t0: float) -> dict[str, Any]:
+    import pandas as pd
+
+    from pipelines import tracking
+    from pipelines.train import evaluate_test
+
+    spec = cfg.tune
+    tasks = cfg.task_names
+    trial_cfg = _trial_config(cfg)
+    all_callbacks = [_run_closer(uri, parent, cfg.train.max_steps)] + list(callbacks or [])
+    tuner = _tuner(cfg, _trainable(trial_cfg, data, parent, sweep_dir, STAGE_TRIAL), sweep_dir,
+                   all_callbacks, resume, max_concurrent=n_concurrent)
+    grid = _fit(tuner, sweep_dir / EXPERIMENT, uri, parent)
     if parent:
         _close_runs(uri, parent)  # anything a killed trial left open
     reap_orphan_placement_groups()
     table = pd.DataFrame(_trial_rows(grid, tasks, cfg.train.max_steps, budget))
     if not table["objective"].notna().any():
-        if parent:
-            tracking.end_run(parent, "FAILED")
         raise RuntimeError(f"no trial reported an objective; see {sweep_dir / EXPERIMENT}")
     best_row = table.loc[table["objective"].idxmax()]
     best_res = next(r for r in grid if r.path == best_row["trial_dir"])
