@@ -32,9 +32,9 @@ def test_quick_config_loads_with_its_values():
                                            "sequence_classification", "sequence_classification"]
     assert cfg.tasks[1].source.type == "atis" and cfg.tasks[1].source.field == "slots"
     assert cfg.model.max_length == 48
-    assert cfg.max_length(cfg.task("topic")) == 128
-    assert cfg.max_length(cfg.task("intent")) == 48
     raw = yaml.safe_load(QUICK.read_text())
+    assert cfg.max_length(cfg.task("topic")) == raw["tasks"][3]["max_length"] != cfg.model.max_length
+    assert cfg.max_length(cfg.task("intent")) == 48  # no per-task value: the model's
     assert cfg.task("topic").max_examples == raw["tasks"][3]["max_examples"]
     assert cfg.train.max_steps == raw["train"]["max_steps"]
     assert cfg.train.sampling == raw["train"]["sampling"]
