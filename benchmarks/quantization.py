@@ -5,7 +5,8 @@
     python -m benchmarks.quantization                         # newest trained model under runs/
 
 The model: ``--model DIR`` (an artifact), else the newest ``runs/*/train-*/model``, else the newest
-model in a Ray checkpoint of a run in progress (``runs/**/checkpoint_*/model``), else
+model in a Ray checkpoint of a training run in progress (``runs/*/train-*/**/model``), else any
+newest ``runs/**/model`` (Tune trials), else
 (full run) the quick config trained for a while (``run_training``, MLflow off, outputs in a temp
 dir), or (``--quick``) an untrained MiniLM-based artifact with the quick config's tasks: speed is
 measured, metrics are marked not measured (an untrained model's metrics say nothing).
@@ -14,7 +15,7 @@ Speed: ``Predictor.load(dir, device="cpu", quantize=False/True).predict`` on bat
 texts (the tasks' test sets interleaved, so short ATIS queries, film reviews and long BBC articles)
 asking for every task; best of N passes; int8 dynamic quantization is CPU-only, so both run on CPU.
 Metrics: ``mtl.evaluation.test_report`` of both models on the test sets of the config the model
-was trained with (found by the run's name under runs/, or ``--config``); change in each task's
+was trained with (``--config``, else the configs/*.yaml whose ``name`` is the folder under runs/); change in each task's
 primary metric, in points. Targets: speed-up ≥ 1.5×, drop ≤ 1 point on every task.
 """
 
@@ -43,11 +44,12 @@ NAME = "quantization"
 
 
 def newest_model(root: Path = ROOT / "runs") -> Path | None:
-    """The newest finished model (runs/<name>/train-*/model), else the newest model inside a Ray
-    checkpoint of a run still in progress (runs/**/checkpoint_*/model), else None."""
+    """The newest finished training run's model (runs/<name>/train-*/model); else the newest model in
+    a checkpoint of a training run in progress (runs/<name>/train-*/**/model); else any newest
+    runs/**/model (Tune trials included); else None."""
     if not root.is_dir():
         return None
-    for pattern in ("*/train-*/model/manifest.json", "**/model/manifest.json"):
+    for pattern in ("*/train-*/model/manifest.json", "*/train-*/**/model/manifest.json", "**/model/manifest.json"):
         found = sorted(root.glob(pattern), key=lambda p: p.stat().st_mtime)
         if found:
             return found[-1].parent
@@ -55,8 +57,12 @@ def newest_model(root: Path = ROOT / "runs") -> Path | None:
 
 
 def _run_name(model_dir: Path) -> str | None:
-    """runs/<name>/train-*/... -> <name>."""
-    for parent in model_dir.resolve().parents:
+    """runs/<name>/... -> <name> (the config's ``name``; outputs go to output_dir/name/)."""
+    path = model_dir.resolve()
+    runs = (ROOT / "runs").resolve()
+    if path.is_relative_to(runs) and len(path.relative_to(runs).parts) > 1:
+        return path.relative_to(runs).parts[0]
+    for parent in path.parents:
         if parent.name.startswith("train-"):
             return parent.parent.name
     return None
@@ -143,7 +149,8 @@ def main(argv: list[str] | None = None) -> dict:
     if model_dir is not None:
         source = "--model" if args.model else (
             "newest finished runs/*/train-*/model" if model_dir.parent.name.startswith("train-")
-            else "newest checkpoint of a run in progress (runs/**/checkpoint_*/model)")
+            else "newest checkpoint of a training run in progress" if "/train-" in str(model_dir)
+            else "newest runs/**/model")
         cfg = config_for(model_dir, args.config)
     elif args.quick:
         cfg = load_cfg(QUICK_CONFIG)
