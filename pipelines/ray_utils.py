@@ -43,7 +43,9 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs):
         ray.init(address=address, runtime_env=runtime_env(), **kwargs)
         return ray
     cpus = num_cpus or max(4, os.cpu_count() or 1)
-    ray.init(num_cpus=cpus, object_store_memory=kwargs.pop("object_store_memory", 1 << 30),
+    # address="local": always a new local Ray, never a `ray start` cluster that happens to run on
+    # this machine (join one with RAY_ADDRESS / --address, as `ray job submit` does)
+    ray.init(address="local", num_cpus=cpus, object_store_memory=kwargs.pop("object_store_memory", 1 << 30),
              include_dashboard=kwargs.pop("include_dashboard", True), dashboard_host="127.0.0.1",
              runtime_env=runtime_env(), log_to_driver=kwargs.pop("log_to_driver", True), **kwargs)
     return ray

@@ -336,6 +336,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     module.train()
     window: dict[str, list[float]] = {t: [] for t in names}
     t0, ex0 = time.time(), examples
+    train_s = 0.0  # seconds spent in training steps only (not evaluation or checkpoints)
+    window_start = time.time()
     step = start_step
     stopped_early = False
     crash_at = int(config.get("_crash_at_step", -1))
@@ -383,6 +385,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             os._exit(1)
 
         if step % tc.eval_every == 0 or step == tc.max_steps:
+            train_s += time.time() - window_start
             names_seen = [t for t in names if window[t]]
             means = _all_mean([float(np.mean(window[t])) for t in names_seen], world, device)
             train_loss = dict(zip(names_seen, means))
@@ -394,7 +397,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             else:
                 bad_evals += 1
             elapsed = time.time() - t0
-            throughput = (examples - ex0) / max(elapsed, 1e-9)
+            throughput = (examples - ex0) / max(train_s, 1e-9)  # training samples per training second
             metrics = {
                 "step": step, "objective": obj, "best_objective": best, "best_step": best_step,
                 "lr": scheduler.get_last_lr()[0], "samples_per_s": throughput, "examples": examples,
@@ -416,6 +419,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             stopped_early = tc.patience is not None and bad_evals >= tc.patience
             metrics["stopped_early"] = float(stopped_early)
             save_and_report(step, metrics)
+            window_start = time.time()
             if stopped_early:
                 break
 
