@@ -56,7 +56,7 @@ def task_infos(cfg: RunConfig, data: dict[str, TaskData]) -> list[TaskInfo]:
 _TOKENIZERS: dict[str, Any] = {}
 
 
-def _tokenizer(path: str):
+def cached_tokenizer(path: str):
     if path not in _TOKENIZERS:
         from transformers import AutoTokenizer
 
@@ -74,7 +74,7 @@ class Tokenize:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         kind = make_kind(self.info.kind, self.info.labels)
         labels = [list(x) if isinstance(x, (list, np.ndarray)) else x for x in batch["label"]]
-        enc = encode_batch(_tokenizer(self.tokenizer_dir), kind, [str(t) for t in batch["text"]],
+        enc = encode_batch(cached_tokenizer(self.tokenizer_dir), kind, [str(t) for t in batch["text"]],
                            labels, self.info.max_length)
         enc["idx"] = np.asarray(batch["idx"], dtype=np.int64)
         return enc

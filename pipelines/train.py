@@ -318,7 +318,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if rank == 0:
             ckpt_dir = tempfile.mkdtemp(prefix="mtl-ckpt-")
             model_state = {k[len("model."):]: v for k, v in full.items() if k.startswith("model.")}
-            raw.model.save(Path(ckpt_dir) / MODEL_DIR, _tokenizer(config["tokenizer_dir"]), state_dict=model_state,
+            from pipelines.data import cached_tokenizer
+
+            raw.model.save(Path(ckpt_dir) / MODEL_DIR, cached_tokenizer(config["tokenizer_dir"]), state_dict=model_state,
                            extra={"step": step, "validation": metrics.get("validation", {})})
             torch.save({
                 "step": step, "optimizer": opt, "scheduler": scheduler.state_dict(), "consumed": consumed,
@@ -448,17 +450,6 @@ def _pcgrad_step(raw: TrainModule, batches, weights, world: int, step: int, auto
         p.grad = g.clone() if p.grad is None else p.grad + g
         offset += n
     return losses
-
-
-_TOK: dict[str, Any] = {}
-
-
-def _tokenizer(path: str):
-    if path not in _TOK:
-        from transformers import AutoTokenizer
-
-        _TOK[path] = AutoTokenizer.from_pretrained(path)
-    return _TOK[path]
 
 
 # ---------------------------------------------------------------------------- driver side
