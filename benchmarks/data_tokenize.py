@@ -72,14 +72,14 @@ def main(argv: list[str] | None = None) -> dict:
     p = parser(__doc__)
     args = p.parse_args(argv)
     from mtl.packages import resolve_encoder
-    from pipelines.data import _tokenizer, read_tasks
+    from pipelines.data import cached_tokenizer, read_tasks
 
     cfg = load_cfg(QUICK_CONFIG if args.quick else FULL_CONFIG)
     data = read_tasks(cfg)
     rows = sum(len(r) for td in data.values() for r in td.splits.values())
     chars = sum(len(x["text"]) for td in data.values() for r in td.splits.values() for x in r)
     tok_dir = str(resolve_encoder(cfg.model.encoder))
-    _tokenizer(tok_dir)  # loaded once here, outside the timings (Ray workers load their own)
+    cached_tokenizer(tok_dir)  # loaded once here, outside the timings (Ray workers load their own)
     print(f"{rows:,} rows ({chars / rows:.0f} characters on average) from {len(data)} tasks", flush=True)
 
     with phase("datasets.map, num_proc=1"):
