@@ -105,7 +105,7 @@ class MultiTaskModel(nn.Module):
         config = AutoConfig.from_pretrained(str(path / "encoder"))
         encoder = AutoModel.from_pretrained(str(path / "encoder"), config=config, add_pooling_layer=False)
         model = cls(encoder, tasks)
-        missing, unexpected = model.heads.load_state_dict(load_file(str(path / "heads.safetensors")), strict=True)
+        model.heads.load_state_dict(load_file(str(path / "heads.safetensors")), strict=True)
         tokenizer = AutoTokenizer.from_pretrained(str(path / "tokenizer"))
         return model.to(device).eval(), tokenizer
 
