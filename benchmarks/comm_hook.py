@@ -43,7 +43,7 @@ def _worker(rank: int, world: int, port: int, mode: str, job: dict, queue) -> No
     from mtl.model import MultiTaskModel, TaskInfo
     from mtl.sampling import BatchStream, TaskSampler
     from mtl.weighting import LossWeighting
-    from pipelines.train import TrainModule, param_groups
+    from pipelines.train import TrainModule, make_optimizer
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -65,7 +65,7 @@ def _worker(rank: int, world: int, port: int, mode: str, job: dict, queue) -> No
         return default_hooks.allreduce_hook(state, bucket)
 
     ddp.register_comm_hook(None, counting_hook)
-    optimizer = torch.optim.AdamW(param_groups(ddp, 1e-4, 1e-3, 0.01), lr=1e-4)
+    optimizer = make_optimizer(ddp, 1e-4, 1e-3, 0.01, torch.device("cpu"))
     arrays = job["arrays"]
     sizes = [len(arrays[t]["idx"]) for t in names]
     sampler = TaskSampler(names, sizes, "round_robin", 2.0, 10_000, 13)

@@ -326,7 +326,7 @@ class PlainLoop:
         from mtl.model import MultiTaskModel
         from mtl.sampling import BatchStream, TaskSampler
         from mtl.weighting import LossWeighting
-        from pipelines.train import TrainModule, lr_lambda, param_groups
+        from pipelines.train import TrainModule, lr_lambda, make_optimizer
 
         tc = cfg.train
         if tc.weighting == "pcgrad" or tc.grad_accum != 1:
@@ -340,7 +340,7 @@ class PlainLoop:
         self.module = TrainModule(model, LossWeighting(self.names, tc.weighting, weights, tc.dwa_temperature))
         self.module.to(self.device).train()
         lr, head_lr = tc.lr, tc.head_lr or tc.lr
-        self.optimizer = torch.optim.AdamW(param_groups(self.module, lr, head_lr, tc.weight_decay), lr=lr)
+        self.optimizer = make_optimizer(self.module, lr, head_lr, tc.weight_decay, self.device)
         warmup = int(tc.warmup_ratio * tc.max_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(warmup, tc.max_steps))
         sizes = [len(arrays[t]["train"]["idx"]) for t in self.names]

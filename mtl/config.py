@@ -111,6 +111,7 @@ class TrainSpec(_Strict):
     dwa_temperature: float = Field(2.0, gt=0)
     comm_hook: Literal["none", "fp16", "bf16"] = "none"
     eval_every: int = Field(200, ge=1)  # optimizer steps between validations
+    log_every: int | None = Field(50, ge=1)  # steps between training-loss points and progress lines; None: at evaluations only
     eval_batch_size: int = Field(128, ge=1)
     patience: int | None = Field(5, ge=1)  # evaluations without improvement before stopping
     objective: str = "mean"  # "mean" of primary validation metrics, or "<task>.<metric>"

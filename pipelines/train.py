@@ -38,6 +38,10 @@ from mtl.readers import TaskData
 from mtl.sampling import BatchStream, TaskSampler
 from mtl.weighting import LossWeighting, pcgrad_combine
 
+# Worker progress goes through logging, not print: Ray Train V2 patches print on workers and tees it
+# (once to its logger, once to the wrapped stdout), so every printed line reached the driver twice.
+log = logging.getLogger("mtl.train")
+
 TRAIN_STATE = "train_state.pt"
 MODEL_DIR = "model"
 EVAL_SPLITS = ("train", "validation")  # what workers load; the test pass runs after fit
@@ -97,6 +101,15 @@ def param_groups(module: nn.Module, lr: float, head_lr: float, weight_decay: flo
 
 
 # ---------------------------------------------------------------------------- worker side
+
+
+def make_optimizer(module: nn.Module, lr: float, head_lr: float, weight_decay: float,
+                   device: torch.device) -> torch.optim.AdamW:
+    """AdamW over ``param_groups``, fused where torch has the kernel (CPU, CUDA): one pass over all
+    parameters instead of a loop of small ops. Same update rule; on the quiet 2-core dev CPU one
+    MiniLM AdamW step took 11 ms fused against 66 ms foreach (a training step is about 1 s there)."""
+    fused = device.type in ("cpu", "cuda")
+    return torch.optim.AdamW(param_groups(module, lr, head_lr, weight_decay), lr=lr, fused=fused)
 
 
 def _materialize(iterator) -> dict[str, np.ndarray]:
@@ -259,7 +272,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             module.register_comm_hook(None, hook)
     raw: TrainModule = module.module if isinstance(module, nn.parallel.DistributedDataParallel) else module
 
-    optimizer = torch.optim.AdamW(param_groups(module, lr, head_lr, tc.weight_decay), lr=lr)
+    optimizer = make_optimizer(module, lr, head_lr, tc.weight_decay, device)
     warmup = int(warmup_ratio * tc.max_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(warmup, tc.max_steps))
     if state:
@@ -337,7 +350,28 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     module.train()
     window: dict[str, list[float]] = {t: [] for t in names}
+    log_window: dict[str, list[float]] = {t: [] for t in names}  # since the last log point
     t0, ex0 = time.time(), examples
+    log_t, log_ex = time.time(), examples
+
+    def _log_progress(at: int, quiet: bool = False) -> set[str]:
+        """A training-curve point every ``log_every`` steps (and at each evaluation): the mean loss
+        per task since the previous point, averaged over workers, with lr and recent throughput.
+        Returns the MLflow keys logged, so the evaluation at the same step does not log them again."""
+        nonlocal log_t, log_ex
+        seen = [t for t in names if log_window[t]]
+        means = _all_mean([float(np.mean(log_window[t])) for t in seen], world, device)
+        point = {"lr": scheduler.get_last_lr()[0], "train/samples_per_s": (examples - log_ex) / max(time.time() - log_t, 1e-9),
+                 **{f"train/loss/{t}": v for t, v in zip(seen, means)}}
+        if rank == 0:
+            tracker.log(point, at)
+            if not quiet:
+                log.info(f"[train] step {at}/{tc.max_steps} loss " + " ".join(f"{t}:{v:.4f}" for t, v in zip(seen, means))
+                      + f" | {point['train/samples_per_s']:.1f} samples/s, {time.time() - t0:.0f}s")
+        for t in names:
+            log_window[t] = []
+        log_t, log_ex = time.time(), examples
+        return set(point)
     train_s = 0.0  # seconds spent in training steps only (not evaluation or checkpoints)
     window_start = time.time()
     step = start_step
@@ -378,6 +412,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         step += 1
         for t, v in step_losses.items():
             window[t].append(v)
+            log_window[t].append(v)
+        at_eval = step % tc.eval_every == 0 or step == tc.max_steps
+        logged: set[str] = set()
+        if tc.log_every and (step % tc.log_every == 0 or at_eval):
+            logged = _log_progress(step, quiet=at_eval)
         if step == crash_at and rank == world - 1 and not Path(config["_crash_flag"]).exists():
             Path(config["_crash_flag"]).write_text(str(step))
             # Fault injection for tests: this worker process dies once, mid-run. The pause lets Ray's
@@ -386,7 +425,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             time.sleep(float(config.get("_crash_delay_s", 5.0)))
             os._exit(1)
 
-        if step % tc.eval_every == 0 or step == tc.max_steps:
+        if at_eval:
             train_s += time.time() - window_start
             names_seen = [t for t in names if window[t]]
             means = _all_mean([float(np.mean(window[t])) for t in names_seen], world, device)
@@ -410,18 +449,20 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             }
             if rank == 0:
                 scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
-                tracker.log(scalars, step)
+                # MLflow's train/loss curve has one point per log_every steps; history.jsonl keeps
+                # the whole evaluation window's means (what DWA and the tests read)
+                tracker.log({k: v for k, v in scalars.items() if k not in logged}, step)
                 if config.get("history_file"):
                     with open(config["history_file"], "a") as fh:
                         fh.write(json.dumps(scalars) + "\n")
-                print(f"[train] step {step}/{tc.max_steps} objective {obj:.4f} (best {best:.4f} @ {best_step}) "
+                log.info(f"[train] step {step}/{tc.max_steps} objective {obj:.4f} (best {best:.4f} @ {best_step}) "
                       + " ".join(f"{t}:{val[t][kinds[t].primary_metric]:.3f}" for t in names)
-                      + f" | {throughput:.1f} samples/s, {elapsed:.0f}s", flush=True)
+                      + f" | {throughput:.1f} samples/s, {elapsed:.0f}s")
             window = {t: [] for t in names}
             stopped_early = tc.patience is not None and bad_evals >= tc.patience
             metrics["stopped_early"] = float(stopped_early)
             save_and_report(step, metrics)
-            window_start = time.time()
+            window_start = log_t = time.time()  # throughput counts training steps only
             if stopped_early:
                 break
 

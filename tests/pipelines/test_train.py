@@ -79,7 +79,8 @@ def make_config(synth, tmp: Path, **train) -> object:
         ],
         "train": {"num_workers": 2, "cpus_per_worker": 1, "batch_size": 16, "max_steps": MAX_STEPS,
                   "eval_every": 15, "lr": 3e-3, "head_lr": 3e-3, "warmup_ratio": 0.1,
-                  "sampling": "round_robin", "patience": None, "seed": 7, "max_failures": 2, **train},
+                  "sampling": "round_robin", "patience": None, "seed": 7, "max_failures": 2, "log_every": 5,
+                  **train},
         "mlflow": {"tracking_uri": f"sqlite:///{tmp}/mlflow.db", "experiment": "synthetic"},
     }
     return config_from_dict(raw)
@@ -173,6 +174,19 @@ def test_mlflow_run_holds_params_curves_reports_plots_and_model(ddp2):
     curve = client.get_metric_history(run.info.run_id, "val/sentiment/accuracy")
     assert sorted(m.step for m in curve) == EVALS
     assert run.data.metrics["test/cities/f1"] == pytest.approx(summary["test_metrics"]["cities"]["f1"])
+    # the training-loss curve has a point every log_every=5 steps (mean since the previous point);
+    # weighted by how often round_robin drew the task, the points of steps 1-15 give exactly the
+    # evaluation window's mean loss that history.jsonl holds for step 15
+    from mtl.sampling import TaskSampler
+
+    sampler = TaskSampler(["sentiment", "cities"], [1, 1], "round_robin")
+    hist = history(summary)
+    for task in ("sentiment", "cities"):
+        points = {m.step: m.value for m in client.get_metric_history(run.info.run_id, f"train/loss/{task}")}
+        assert sorted(points) == list(range(5, MAX_STEPS + 1, 5)), task
+        drawn = {end: sum(task in sampler.tasks_for_step(s) for s in range(end - 5, end)) for end in (5, 10, 15)}
+        window = sum(points[e] * n for e, n in drawn.items()) / sum(drawn.values())
+        assert window == pytest.approx(hist[0][f"train/loss/{task}"], rel=1e-6), task
     files = {f.path for f in client.list_artifacts(run.info.run_id)}
     assert {"reports", "plots", "model_card.md", "config.yaml"} <= files
     plots = {f.path for f in client.list_artifacts(run.info.run_id, "plots")}
