@@ -30,22 +30,26 @@ class Predictor:
     """``Predictor.load(artifact_dir).predict(["book a flight to boston"])``."""
 
     def __init__(self, model: MultiTaskModel, tokenizer, max_length: int | None = None,
-                 device: torch.device | str | None = None):
+                 device: torch.device | str | None = None, length_buckets: bool | None = None):
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.model = model.to(self.device).eval()
         self.tokenizer = tokenizer
         self.max_length = max_length or max(t.max_length for t in model.tasks.values())
+        # On CPU, compute grows with padded tokens, so a batch is run as sub-batches of similar length
+        # (a 12-token query does not pay for a 128-token article beside it). On GPUs one padded
+        # launch is usually cheaper than several small ones: off by default there.
+        self.length_buckets = self.device.type == "cpu" if length_buckets is None else length_buckets
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device | None = None, quantize: bool = False,
-             max_length: int | None = None) -> Predictor:
+             max_length: int | None = None, length_buckets: bool | None = None) -> Predictor:
         device = torch.device(device) if device is not None else pick_device()
         model, tokenizer = MultiTaskModel.load(path, "cpu")
         if quantize:
             if device.type != "cpu":
                 raise ValueError("int8 dynamic quantization runs on CPU only")
             model = quantize_dynamic_int8(model)
-        return cls(model, tokenizer, max_length, device)
+        return cls(model, tokenizer, max_length, device, length_buckets)
 
     @property
     def task_names(self) -> list[str]:
@@ -65,15 +69,37 @@ class Predictor:
             return []
         split = [split_words(t) for t in texts]
         enc = tokenize_words(self.tokenizer, [w for w, _ in split], self.max_length, padding="longest")
-        ids = torch.as_tensor(enc["input_ids"], device=self.device)
-        mask = torch.as_tensor(enc["attention_mask"], device=self.device)
-        logits = self.model(ids, mask, names)
+        ids = torch.as_tensor(enc["input_ids"])
+        mask = torch.as_tensor(enc["attention_mask"])
+        rows: list[dict[str, torch.Tensor] | None] = [None] * len(texts)  # per text: task -> its logits
+        for group in self._groups(mask):
+            width = int(mask[group].sum(1).max())  # right padding: real tokens come first
+            logits = self.model(ids[group, :width].to(self.device), mask[group, :width].to(self.device), names)
+            logits = {name: v.cpu() for name, v in logits.items()}
+            for j, i in enumerate(group.tolist()):
+                rows[i] = {name: logits[name][j] for name in names}
         out = []
         for i, text in enumerate(texts):
             words, spans = split[i]
             word_ids = enc.word_ids(i)
             out.append({
-                name: self.model.kinds[name].decode(logits[name][i].cpu(), words, spans, word_ids, text, top_k)
+                name: self.model.kinds[name].decode(rows[i][name], words, spans, word_ids, text, top_k)
                 for name in names
             })
         return out
+
+    def _groups(self, mask: torch.Tensor, ratio: float = 1.5) -> list[torch.Tensor]:
+        """Row indices in sub-batches: all rows at once, or (``length_buckets``) rows sorted by length
+        and cut where a row is over ``ratio`` times its sub-batch's shortest, so padding stays under
+        a third of the computed tokens."""
+        n = mask.shape[0]
+        if not self.length_buckets or n == 1 or self.tokenizer.padding_side != "right":
+            return [torch.arange(n)]
+        lengths = mask.sum(1)
+        order = torch.argsort(lengths, stable=True)
+        groups, start = [], 0
+        for k in range(1, n + 1):
+            if k == n or lengths[order[k]] > ratio * lengths[order[start]]:
+                groups.append(order[start:k])
+                start = k
+        return groups

@@ -54,6 +54,35 @@ def test_matches_the_model_and_batching_does_not_change_answers(predictor):
     assert alone["intent"]["score"] == pytest.approx(float(torch.softmax(logits["intent"][0], -1).max()), abs=1e-6)
 
 
+def test_length_buckets_split_by_length_and_keep_answers_and_order(predictor):
+    """Mixed lengths run as sub-batches of similar length (longest ≤ 1.5× shortest), in the
+    caller's order, with the answers of one padded batch (scores to float noise)."""
+    texts = ["fly", "a much longer sentence about flights from denver to st. louis on monday morning",
+             "to boston", "cheap fares please", "show me every morning flight from oakland to dallas fort worth"]
+    assert predictor.length_buckets  # the default on CPU
+    enc = tokenize_words(predictor.tokenizer, [t.split() for t in texts], 24, padding="longest")
+    mask = torch.tensor(enc["attention_mask"])
+    groups = predictor._groups(mask)
+    lengths = mask.sum(1)
+    assert sorted(i for g in groups for i in g.tolist()) == list(range(len(texts)))
+    assert len(groups) > 1
+    for g in groups:
+        assert lengths[g].max() <= 1.5 * lengths[g].min()
+    bucketed = predictor.predict(texts)
+    predictor.length_buckets = False
+    try:
+        assert len(predictor._groups(mask)) == 1
+        padded = predictor.predict(texts)
+    finally:
+        predictor.length_buckets = True
+    for a, b in zip(bucketed, padded):
+        assert a["intent"]["label"] == b["intent"]["label"]
+        assert a["intent"]["score"] == pytest.approx(b["intent"]["score"], abs=1e-5)
+        assert a["score"]["value"] == pytest.approx(b["score"]["value"], abs=1e-5)
+        assert a["slots"]["tags"] == b["slots"]["tags"]
+        assert [x["label"] for x in a["tags"]["labels"]] == [x["label"] for x in b["tags"]["labels"]]
+
+
 def test_top_k_and_task_subset(predictor):
     [o] = predictor.predict(["book a flight"], tasks=["intent"], top_k=2)
     assert set(o) == {"intent"}
