@@ -19,8 +19,9 @@ How a request is served:
   the union of the tasks its requests asked for, and each request gets back only its tasks.
   Requests with different ``top_k`` in one batch are decoded in one pass per distinct ``top_k``.
   One forward pass sees at most ``max(max_batch_size, max_texts)`` texts (bounded memory).
-  Texts in one pass are padded to the longest, so a text's scores can differ in the last float
-  digits from a pass of that text alone (the labels do not change in practice).
+  On CPU the pass runs as sub-batches of similar length (``Predictor`` length buckets); texts in
+  one sub-batch are padded to its longest, so a text's scores can differ in the last float digits
+  from a pass of that text alone (the labels do not change in practice).
 - Replicas autoscale between ``min_replicas`` and ``max_replicas`` on ``target_ongoing_requests``;
   ``max_ongoing_requests`` caps what one replica accepts (keep it at or above the expected
   concurrency, or throughput collapses).
