@@ -309,11 +309,13 @@ def main(argv: list[str] | None = None) -> dict:
 
     from ray import serve
 
+    from mtl.config import ServeSpec
     from pipelines.ray_utils import init_ray
+    from serve.app import http_options
 
     init_ray(log_to_driver=False)
     port = _free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.start(http_options=http_options(ServeSpec(host="127.0.0.1", port=port)))
     scenarios = [sc for sc in ALL_SCENARIOS if sc[0] in selected]
     results = []
     try:

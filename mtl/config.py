@@ -156,6 +156,9 @@ class ServeSpec(_Strict):
     max_body_bytes: int = Field(1_000_000, ge=1024)
     quantize: bool = False  # int8 dynamic quantization of the encoder's Linear layers (CPU)
     token_env: str = "MTL_RAY_TOKEN"  # bearer token read from this variable, when set
+    # end-to-end HTTP limit (Serve's http_options, cluster-wide): a request not answered in time gets
+    # a 408 instead of waiting forever, e.g. one in flight on a replica that died; None: no limit
+    request_timeout_s: float | None = Field(30.0, gt=0)
 
 
 class MlflowSpec(_Strict):

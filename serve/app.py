@@ -404,6 +404,14 @@ def serve_spec(cfg: RunConfig | None, host: str | None = None, port: int | None 
     return ServeSpec.model_validate({**base, **given})
 
 
+def http_options(spec: ServeSpec) -> dict[str, Any]:
+    """Serve's proxy options from the spec (they apply when this call starts Serve)."""
+    opts: dict[str, Any] = {"host": spec.host, "port": spec.port}
+    if spec.request_timeout_s is not None:
+        opts["request_timeout_s"] = spec.request_timeout_s
+    return opts
+
+
 def run_server(model: str, cfg: RunConfig | None = None, host: str | None = None, port: int | None = None,
                quantize: bool | None = None, tracking_uri: str | None = None, blocking: bool = True) -> str:
     """Serve ``model`` (artifact directory, models:/ or runs:/ URI) on Ray Serve; returns the base URL.
@@ -415,7 +423,7 @@ def run_server(model: str, cfg: RunConfig | None = None, host: str | None = None
     tracking_uri = tracking_uri or _default_tracking_uri(cfg)
     model_dir = local_artifact(model, tracking_uri)
     ray = init_ray()
-    serve.start(http_options={"host": spec.host, "port": spec.port})
+    serve.start(http_options=http_options(spec))
     serve.run(build_app(str(model_dir), spec, model_name=model, tracking_uri=tracking_uri),
               name=APP_NAME, route_prefix="/")
     url = f"http://{spec.host}:{spec.port}"

@@ -173,5 +173,5 @@ def test_run_server_wiring(monkeypatch, tiny_artifact):
     url = sa.run_server(str(tiny_artifact), None, host=None, port=9123, quantize=None, tracking_uri=None,
                         blocking=False)
     assert url == "http://127.0.0.1:9123"
-    assert calls["start"] == {"http_options": {"host": "127.0.0.1", "port": 9123}}
+    assert calls["start"] == {"http_options": {"host": "127.0.0.1", "port": 9123, "request_timeout_s": 30.0}}
     assert calls["run"] == {"name": "mtl-ray", "route_prefix": "/"}

@@ -6,7 +6,7 @@ import pytest
 from pydantic import ValidationError
 
 from mtl.config import RunConfig, ServeSpec
-from serve.app import deployment_options, serve_spec
+from serve.app import deployment_options, http_options, serve_spec
 from serve.schema import PredictRequest, RequestError, check_request, summarize_validation_errors
 
 TASKS = ["intent", "slots", "sentiment", "topic"]
@@ -103,3 +103,11 @@ def test_cli_none_means_the_configs_value():
     spec = serve_spec(cfg, host="127.0.0.1", port=9100, quantize=False)
     assert (spec.host, spec.port, spec.quantize) == ("127.0.0.1", 9100, False)
     assert serve_spec(None) == ServeSpec()
+
+
+def test_http_options_carry_the_request_timeout():
+    assert http_options(ServeSpec()) == {"host": "127.0.0.1", "port": 8000, "request_timeout_s": 30.0}
+    spec = ServeSpec(host="0.0.0.0", port=9000, request_timeout_s=None)
+    assert http_options(spec) == {"host": "0.0.0.0", "port": 9000}  # no limit: Serve's default
+    with pytest.raises(ValidationError, match="request_timeout_s"):
+        ServeSpec(request_timeout_s=0)

@@ -35,10 +35,10 @@ def free_port() -> int:
 def base_url(ray_session, tiny_artifact):
     from ray import serve
 
-    from serve.app import APP_NAME, build_app
+    from serve.app import APP_NAME, build_app, http_options
 
     port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.start(http_options=http_options(SPEC.model_copy(update={"port": port})))
     app = build_app(str(tiny_artifact), SPEC, model_name="tiny-test", env={SPEC.token_env: TOKEN})
     serve.run(app, name=APP_NAME, route_prefix="/")
     yield f"http://127.0.0.1:{port}"
