@@ -414,27 +414,3 @@ class PlainLoop:
         self.module.train()
         return out
 
-
-def start_ray(**kwargs):
-    """Ray for a benchmark: ``RAY_ADDRESS`` when it names a cluster, else a Ray of this process's own
-    (``address="local"``) with the settings of ``pipelines.ray_utils.init_ray``. A plain ``ray.init()``
-    would join the newest ``ray start`` cluster on the machine (/tmp/ray/ray_current_cluster), or fail
-    there because init_ray passes ``num_cpus``."""
-    import logging
-
-    import ray
-
-    from pipelines.ray_utils import runtime_env
-
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
-    if ray.is_initialized():
-        return ray
-    address = os.environ.get("RAY_ADDRESS") or "local"
-    log_to_driver = kwargs.pop("log_to_driver", False)
-    if address != "local":
-        ray.init(address=address, runtime_env=runtime_env(), log_to_driver=log_to_driver, **kwargs)
-        return ray
-    ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1), object_store_memory=1 << 30,
-             include_dashboard=True, dashboard_host="127.0.0.1", runtime_env=runtime_env(),
-             log_to_driver=log_to_driver, **kwargs)
-    return ray

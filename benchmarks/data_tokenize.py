@@ -29,7 +29,6 @@ from benchmarks.common import (
     load_cfg,
     parser,
     phase,
-    start_ray,
     write_result,
 )
 
@@ -59,9 +58,10 @@ def hf_tokenize(cfg, data, tok_dir: str, num_proc: int | None) -> tuple[float, d
 
 def ray_tokenize(cfg, data, tok_dir: str) -> tuple[float, float, dict]:
     from pipelines.data import build_datasets
+    from pipelines.ray_utils import init_ray
 
     t0 = time.perf_counter()
-    start_ray()
+    init_ray(log_to_driver=False)
     t1 = time.perf_counter()
     materialized = {k: ds.materialize() for k, ds in build_datasets(cfg, data, tok_dir).items()}
     t2 = time.perf_counter()

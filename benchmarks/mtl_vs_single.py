@@ -35,7 +35,6 @@ from benchmarks.common import (
     parser,
     phase,
     primary_metric,
-    start_ray,
     target,
     threads,
     write_result,
@@ -80,20 +79,22 @@ def serving(mtl_dir: str, single_dirs: dict[str, str], texts: list[str], batch: 
     def run_singles(chunk):
         return [singles[t].predict(chunk, [t]) for t in tasks]
 
+    def rate(fn, chunk_texts: list[str]) -> dict:
+        """Requests/s of ``fn`` over ``chunk_texts`` in batches, best of ``passes`` (after a warm-up batch)."""
+        fn(chunk_texts[:batch])
+        best = float("inf")
+        for _ in range(passes):
+            with Timer() as t:
+                for i in range(0, len(chunk_texts), batch):
+                    fn(chunk_texts[i:i + batch])
+            best = min(best, t.s)
+        return {"requests_per_s": round(len(chunk_texts) / best, 2), "best_pass_s": round(best, 3)}
+
     out = {"device": str(multi.device)}
-    sets = {"": texts, "short_": short_texts or []}
-    for prefix, chunk_texts in sets.items():
-        if not chunk_texts:
-            continue
+    for prefix, chunk_texts in (("", texts), ("short_", short_texts or [])):
         for name, fn in (("multi_task", run_multi), ("single_task_x4", run_singles)):
-            fn(chunk_texts[:batch])
-            best = float("inf")
-            for _ in range(passes):
-                with Timer() as t:
-                    for i in range(0, len(chunk_texts), batch):
-                        fn(chunk_texts[i:i + batch])
-                best = min(best, t.s)
-            out[prefix + name] = {"requests_per_s": round(len(chunk_texts) / best, 2), "best_pass_s": round(best, 3)}
+            if chunk_texts:
+                out[prefix + name] = rate(fn, chunk_texts)
     if short_texts:
         out["short_speedup"] = round(out["short_multi_task"]["requests_per_s"]
                                      / out["short_single_task_x4"]["requests_per_s"], 3)
@@ -113,6 +114,7 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
 
     from pipelines.data import read_tasks
+    from pipelines.ray_utils import init_ray
     from pipelines.train import run_training
 
     torch.set_num_threads(threads(args))
@@ -138,7 +140,7 @@ def main(argv: list[str] | None = None) -> dict:
     raw["name"] = "multi"
     cfg = config_from_dict(raw)
     data = read_tasks(cfg)
-    start_ray()
+    init_ray(log_to_driver=False)
     print(f"{k} tasks; multi-task {steps} steps (round_robin, {steps // k} batches of {cfg.train.batch_size} "
           f"per task); single-task {steps // k} steps each; outputs in {out_root}", flush=True)
 

@@ -34,7 +34,6 @@ from benchmarks.common import (
     parser,
     phase,
     primary_metric,
-    start_ray,
     target,
     threads,
     write_result,
@@ -43,17 +42,23 @@ from benchmarks.common import (
 NAME = "quantization"
 
 
-def newest_model(root: Path = ROOT / "runs") -> Path | None:
+MODEL_SEARCH = (  # in order of preference: (glob under runs/, how the report names the find)
+    ("*/train-*/model/manifest.json", "newest finished runs/*/train-*/model"),
+    ("*/train-*/**/model/manifest.json", "newest checkpoint of a training run in progress"),
+    ("**/model/manifest.json", "newest runs/**/model"),
+)
+
+
+def find_model(root: Path = ROOT / "runs") -> tuple[Path | None, str]:
     """The newest finished training run's model (runs/<name>/train-*/model); else the newest model in
     a checkpoint of a training run in progress (runs/<name>/train-*/**/model); else any newest
-    runs/**/model (Tune trials included); else None."""
-    if not root.is_dir():
-        return None
-    for pattern in ("*/train-*/model/manifest.json", "*/train-*/**/model/manifest.json", "**/model/manifest.json"):
-        found = sorted(root.glob(pattern), key=lambda p: p.stat().st_mtime)
-        if found:
-            return found[-1].parent
-    return None
+    runs/**/model (Tune trials included); else None. With how it was found."""
+    if root.is_dir():
+        for pattern, how in MODEL_SEARCH:
+            found = sorted(root.glob(pattern), key=lambda p: p.stat().st_mtime)
+            if found:
+                return found[-1].parent, how
+    return None, ""
 
 
 def _run_name(model_dir: Path) -> str | None:
@@ -143,23 +148,20 @@ def main(argv: list[str] | None = None) -> dict:
     test_rows = args.test_rows or (100 if args.quick else None)
     passes = 2 if args.quick else 3
     tmp = tempfile.TemporaryDirectory(prefix="bench-quant-")
-    model_dir = Path(args.model) if args.model else newest_model()
-    source, trained = "", True
+    model_dir, source = (Path(args.model), "--model") if args.model else find_model()
+    trained = True
     cfg = None
     if model_dir is not None:
-        source = "--model" if args.model else (
-            "newest finished runs/*/train-*/model" if model_dir.parent.name.startswith("train-")
-            else "newest checkpoint of a training run in progress" if "/train-" in str(model_dir)
-            else "newest runs/**/model")
         cfg = config_for(model_dir, args.config)
     elif args.quick:
         cfg = load_cfg(QUICK_CONFIG)
         model_dir = untrained_artifact(cfg, read_tasks(cfg), Path(tmp.name))
         source, trained = "untrained MiniLM + quick config heads (no trained model under runs/)", False
     else:
+        from pipelines.ray_utils import init_ray
         from pipelines.train import run_training
 
-        start_ray()
+        init_ray(log_to_driver=False)
         cfg = load_cfg(QUICK_CONFIG, [f"output_dir={tmp.name}", "train.max_steps=240"])
         with phase("no trained model found: training the quick config (240 steps)"):
             model_dir = Path(run_training(cfg)["model_dir"])

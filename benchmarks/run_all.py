@@ -5,8 +5,8 @@
     python -m benchmarks.run_all --report-only    # only rewrite BENCHMARKS.md from the JSON files
     python -m benchmarks.run_all --only mfu,comm_hook
 
-Scripts run one after another, each in its own process with a Ray of its own (``RAY_ADDRESS=local``
-unless RAY_ADDRESS names a cluster); a failure is recorded and the rest go on: train_overhead, mfu,
+Scripts run one after another, each in its own process with a Ray of its own (``init_ray``: a new
+local Ray unless RAY_ADDRESS names a cluster); a failure is recorded and the rest go on: train_overhead, mfu,
 data_tokenize, comm_hook, quantization, mtl_vs_single, benchmarks/serve_load.py when it is there,
 and any other benchmarks/*.py (each takes --quick). BENCHMARKS.md gets a table of every target
 (value, met or missed, date), each benchmark's headline figures with the machine, versions and the
@@ -55,9 +55,9 @@ def commands(quick: bool) -> dict[str, list[str]]:
     if SERVE_LOAD.is_file():
         extra = ["--quick"] if quick else ["--int8", "--kill"]
         if not quick:
-            from benchmarks.quantization import newest_model
+            from benchmarks.quantization import find_model
 
-            model = newest_model()
+            model, _ = find_model()
             if model is not None:
                 extra += ["--model", str(model)]
         out["serve_load"] = [sys.executable, str(SERVE_LOAD.relative_to(ROOT)), *extra]
@@ -68,11 +68,8 @@ def run_one(name: str, cmd: list[str], timeout: float) -> dict[str, Any]:
     print(f"\n===== {name}: {' '.join(cmd)}", flush=True)
     t0 = time.time()
     tail: deque[str] = deque(maxlen=40)
-    # each script gets a Ray of its own unless RAY_ADDRESS names a cluster: ray.init() would otherwise
-    # join whatever `ray start` cluster runs on the machine (and init_ray's num_cpus fails there)
-    env = {**os.environ, "RAY_ADDRESS": os.environ.get("RAY_ADDRESS") or "local"}
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            errors="replace", start_new_session=True, env=env)
+                            errors="replace", start_new_session=True)
 
     def pump() -> None:
         assert proc.stdout is not None
@@ -315,13 +312,12 @@ def main(argv: list[str] | None = None) -> int:
             # a partial run: keep the last full run's record of the scripts not run now
             old = json.loads(previous.read_text())
             if old.get("quick") == args.quick:
-                mine = {s["name"] for s in done}
-                run["scripts"] = [s if s["name"] not in mine else next(d for d in done if d["name"] == s["name"])
-                                  for s in old["scripts"]] + [d for d in done if d["name"] not in
-                                                              {s["name"] for s in old["scripts"]}]
+                # the old order; re-run scripts replaced in place, new ones appended
+                merged = {s["name"]: s for s in old["scripts"]} | {d["name"]: d for d in done}
+                run["scripts"] = list(merged.values())
                 run["started"] = old["started"]
                 run["partial_runs"] = [*old.get("partial_runs", []), {"started": started, "command": run["command"],
-                                                                      "scripts": sorted(mine)}]
+                                                                      "scripts": sorted(d["name"] for d in done)}]
                 run["command"], run["seconds"] = old["command"], old["seconds"] + run["seconds"]
         RESULTS.mkdir(parents=True, exist_ok=True)
         (RESULTS / "run_all.json").write_text(json.dumps(run, indent=2) + "\n")

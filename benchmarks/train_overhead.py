@@ -34,7 +34,6 @@ from benchmarks.common import (
     load_cfg,
     parser,
     phase,
-    start_ray,
     target,
     threads,
     tokenize_arrays,
@@ -96,6 +95,7 @@ def main(argv: list[str] | None = None) -> dict:
     n_threads = threads(args)
 
     from pipelines.data import read_tasks
+    from pipelines.ray_utils import init_ray
 
     cfg = load_cfg(QUICK_CONFIG, [
         "train.sampling=round_robin", f"train.max_steps={steps}", f"train.eval_every={steps}",
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     with phase("ray.init"):
         t0 = time.time()
-        start_ray()
+        init_ray(log_to_driver=False)
         ray_start_s = time.time() - t0
 
     plain, ray_ = [], []

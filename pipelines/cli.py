@@ -65,18 +65,16 @@ def cmd_evaluate(args) -> int:
     """Evaluate an artifact (or a checkpoint's model/) on the config's split, in-process (no Ray)."""
     import time
 
-    import torch
-
     from mtl.evaluation import test_report
     from mtl.model import MultiTaskModel
+    from mtl.predictor import pick_device
     from mtl.registry import local_artifact
     from pipelines.data import read_tasks
 
     cfg = _config(args)
     data = read_tasks(cfg)
     t0 = time.time()
-    model, tokenizer = MultiTaskModel.load(local_artifact(args.model, cfg.mlflow.tracking_uri),
-                                           "cuda" if torch.cuda.is_available() else "cpu")
+    model, tokenizer = MultiTaskModel.load(local_artifact(args.model, cfg.mlflow.tracking_uri), pick_device())
     rows = {t: d.splits[args.split] for t, d in data.items() if t in model.tasks}
     report = test_report(model, tokenizer, rows, cfg.train.eval_batch_size)
     out = {t: {"n": r["n"], **r["metrics"]} for t, r in report.items()}

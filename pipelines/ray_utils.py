@@ -27,8 +27,8 @@ def runtime_env() -> dict:
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs):
-    """Join ``address`` (or ``RAY_ADDRESS``, or the cluster a ``ray job submit`` runs in), else start
-    a local Ray on loopback. Locally, CPUs are oversubscribed to at least 4 logical ones so Ray Data
+    """Join ``address`` (or ``RAY_ADDRESS``, or the cluster a ``ray job submit`` runs in), else
+    (none, or ``local``) start a local Ray on loopback. Locally, CPUs are oversubscribed to at least 4 logical ones so Ray Data
     tasks can run beside training workers (on 2 physical cores a 2-worker fit otherwise starves)."""
     set_ray_env()
     import logging
@@ -39,7 +39,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs):
     if ray.is_initialized():
         return ray
     address = address or os.environ.get("RAY_ADDRESS")
-    if address:
+    if address and address != "local":
         ray.init(address=address, runtime_env=runtime_env(), **kwargs)
         return ray
     cpus = num_cpus or max(4, os.cpu_count() or 1)

@@ -37,6 +37,7 @@ from mtl.model import MultiTaskModel, TaskInfo
 from mtl.readers import TaskData
 from mtl.sampling import BatchStream, TaskSampler
 from mtl.weighting import LossWeighting, pcgrad_combine
+from pipelines.data import cached_tokenizer
 
 # Worker progress goes through logging, not print: Ray Train V2 patches print on workers and tees it
 # (once to its logger, once to the wrapped stdout), so every printed line reached the driver twice.
@@ -331,8 +332,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if rank == 0:
             ckpt_dir = tempfile.mkdtemp(prefix="mtl-ckpt-")
             model_state = {k[len("model."):]: v for k, v in full.items() if k.startswith("model.")}
-            from pipelines.data import cached_tokenizer
-
             raw.model.save(Path(ckpt_dir) / MODEL_DIR, cached_tokenizer(config["tokenizer_dir"]), state_dict=model_state,
                            extra={"step": step, "validation": metrics.get("validation", {})})
             torch.save({

@@ -439,7 +439,7 @@ def run_server(model: str, cfg: RunConfig | None = None, host: str | None = None
     except KeyboardInterrupt:
         print("mtl-ray: stopping", flush=True)
         serve.delete(APP_NAME)
-        if not os.environ.get("RAY_ADDRESS"):
+        if os.environ.get("RAY_ADDRESS", "local") in ("", "local"):  # the local Ray init_ray started
             serve.shutdown()
             ray.shutdown()
     return url

@@ -156,13 +156,14 @@ def ran_full_budget(result: dict[str, Any] | None, max_steps: int) -> bool:
     return int(result.get("step", 0) or 0) >= max_steps or bool(result.get("stopped_early", 0))
 
 
-def _close_runs(uri: str, parent_run_id: str, status: str = "KILLED") -> int:
-    """Set every still RUNNING child of the parent to ``status``; returns how many."""
+def _close_runs(uri: str | None, parent_run_id: str, status: str = "KILLED", trial_id: str | None = None) -> int:
+    """Set every still RUNNING child of the parent (of one trial, with ``trial_id``) to ``status``;
+    returns how many."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=uri)
     n = 0
-    for run in find_child_runs(client, parent_run_id):
+    for run in find_child_runs(client, parent_run_id, trial_id):
         if run.info.status == "RUNNING":
             client.set_terminated(run.info.run_id, status)
             n += 1
@@ -223,16 +224,10 @@ def _run_closer(uri: str | None, parent_run_id: str | None, max_steps: int, reap
         def _close(self, trial, error: bool) -> None:
             if not parent_run_id:
                 return
-            from mlflow.tracking import MlflowClient
-
+            status = "FAILED" if error else (
+                "FINISHED" if ran_full_budget(trial.last_result, max_steps) else "KILLED")
             try:
-                client = MlflowClient(tracking_uri=uri)
-                for run in find_child_runs(client, parent_run_id, trial.trial_id):
-                    if run.info.status != "RUNNING":
-                        continue
-                    status = "FAILED" if error else (
-                        "FINISHED" if ran_full_budget(trial.last_result, max_steps) else "KILLED")
-                    client.set_terminated(run.info.run_id, status)
+                _close_runs(uri, parent_run_id, status, trial.trial_id)
             except Exception as err:  # bookkeeping must not stop the sweep; the driver sweeps up after fit
                 print(f"[tune] could not close the MLflow run of trial {trial.trial_id}: {err}", flush=True)
 
