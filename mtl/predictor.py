@@ -3,17 +3,50 @@
 One encoder pass per batch of texts serves every task asked for; each task's kind decodes its head.
 Texts longer than the model's ``max_length`` tokens are truncated: words past the cut get no slot
 tags, and sentence tasks see only the first ``max_length`` tokens.
+
+A bad row never fails its neighbours: texts the model cannot take (``mtl.encoding.text_problem``)
+are refused before the pass, and when a pass still fails, the batch is bisected until the failing
+rows stand alone; every other row gets its normal answer. A row that fails alone is the input's
+fault when the model answers a short probe text with the same tasks, else a server fault.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
-from mtl.encoding import split_words, tokenize_words
+from mtl.encoding import split_words, text_problem, tokenize_words
 from mtl.model import MultiTaskModel
+
+PROBE_TEXT = "hello world"  # what a healthy model always answers (tells an input fault from a broken model)
+
+
+@dataclass(frozen=True)
+class RowError:
+    """Why row ``index`` of a ``predict`` call got no answer. ``reason`` never quotes the text.
+    ``input_fault``: the text is at fault (a 4xx to an HTTP client); False: the model failed on a
+    probe text too (a 500)."""
+
+    index: int
+    reason: str
+    input_fault: bool = True
+
+    def __str__(self) -> str:
+        return f"texts[{self.index}] {self.reason}"
+
+
+class PredictionError(ValueError):
+    """Some rows got no answer. ``errors``: one :class:`RowError` per such row; ``answers``: every
+    row's answer, ``None`` at the failed rows (the good rows were answered anyway)."""
+
+    def __init__(self, errors: list[RowError], answers: list[dict[str, Any] | None]):
+        super().__init__("; ".join(str(e) for e in errors[:10])
+                         + (f"; and {len(errors) - 10} more" if len(errors) > 10 else ""))
+        self.errors = errors
+        self.answers = answers
 
 
 def pick_device() -> torch.device:
@@ -59,14 +92,60 @@ class Predictor:
         return [{"name": t.name, "kind": t.kind, "labels": t.labels} for t in self.model.tasks.values()]
 
     @torch.inference_mode()
-    def predict(self, texts: list[str], tasks: list[str] | None = None, top_k: int = 1) -> list[dict[str, Any]]:
-        """Per text, ``{task: answer}``; the answer's shape is the task kind's (see ``decode``)."""
+    def predict(self, texts: list[str], tasks: list[str] | None = None, top_k: int = 1,
+                errors: Literal["raise", "return"] = "raise") -> list[dict[str, Any]]:
+        """Per text, ``{task: answer}``; the answer's shape is the task kind's (see ``decode``).
+
+        Rows that cannot be answered (see the module docstring) do not fail the others: with
+        ``errors="raise"`` a :class:`PredictionError` lists them and carries the other rows'
+        answers; with ``errors="return"`` a :class:`RowError` stands in their place."""
         names = list(tasks) if tasks else self.task_names
         unknown = [n for n in names if n not in self.model.tasks]
         if unknown:
             raise KeyError(f"unknown task(s) {unknown}; this model has {self.task_names}")
-        if not texts:
-            return []
+        out: list[Any] = [None] * len(texts)
+        failed: dict[int, RowError] = {}
+        for i, text in enumerate(texts):
+            problem = text_problem(text) if isinstance(text, str) else "is not a string"
+            if problem:
+                failed[i] = RowError(i, problem)
+        self._isolated(texts, [i for i in range(len(texts)) if i not in failed], names, top_k, out, failed)
+        if failed:
+            errs = [failed[i] for i in sorted(failed)]
+            if errors == "raise":
+                raise PredictionError(errs, out)
+            for e in errs:
+                out[e.index] = e
+        return out
+
+    def _isolated(self, texts: list[str], rows: list[int], names: list[str], top_k: int,
+                  out: list[Any], failed: dict[int, RowError]) -> None:
+        """Answer ``rows`` in one pass; when it fails, bisect until the failing rows stand alone."""
+        if not rows:
+            return
+        try:
+            answers = self._predict_rows([texts[i] for i in rows], names, top_k)
+        except Exception as exc:  # noqa: BLE001 - any failure of the pass is isolated, then reported per row
+            if len(rows) > 1:
+                mid = len(rows) // 2
+                self._isolated(texts, rows[:mid], names, top_k, out, failed)
+                self._isolated(texts, rows[mid:], names, top_k, out, failed)
+                return
+            failed[rows[0]] = self._row_error(rows[0], exc, names, top_k)
+            return
+        for i, answer in zip(rows, answers):
+            out[i] = answer
+
+    def _row_error(self, index: int, exc: Exception, names: list[str], top_k: int) -> RowError:
+        try:
+            self._predict_rows([PROBE_TEXT], names, top_k)
+        except Exception:  # noqa: BLE001 - the model fails on any text: not this input's fault
+            return RowError(index, f"could not be answered: the model failed (server error, {type(exc).__name__})",
+                            input_fault=False)
+        return RowError(index, f"could not be processed by the model ({type(exc).__name__}); "
+                               "the other texts were answered", input_fault=True)
+
+    def _predict_rows(self, texts: list[str], names: list[str], top_k: int) -> list[dict[str, Any]]:
         split = [split_words(t) for t in texts]
         enc = tokenize_words(self.tokenizer, [w for w, _ in split], self.max_length, padding="longest")
         ids = torch.as_tensor(enc["input_ids"])

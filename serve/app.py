@@ -26,7 +26,12 @@ How a request is served:
   ``max_ongoing_requests`` caps what one replica accepts (keep it at or above the expected
   concurrency, or throughput collapses).
 - Limits (``max_texts``, ``max_chars``, ``max_body_bytes``) and errors are answered with a 4xx and
-  a JSON ``{"detail": ...}``; the replica keeps serving.
+  a JSON ``{"detail": ...}``; the replica keeps serving. Texts the tokenizer cannot take (lone
+  surrogates, nothing visible) are a 422 at the door (``serve/schema.py``).
+- One bad request never fails another: when a batched pass fails, the predictor bisects it so
+  only the failing texts' requests get an error (422 naming ``texts[i]`` when the text is at
+  fault, 500 when the model fails on a probe text too), logged once with the request id and
+  without the text; every other request in the batch gets its normal answer.
 - When the variable named by ``token_env`` (default ``MTL_RAY_TOKEN``) is set in the replica's
   environment, ``/v1/*`` needs ``Authorization: Bearer <token>``; ``/healthz`` and ``/docs`` stay
   open. A local Ray started by ``mtl-ray serve`` inherits the shell's environment; on a cluster,
@@ -95,11 +100,39 @@ class PredictItem:
     top_k: int = 1
 
 
-def run_batch(predictor, items: list[PredictItem], max_texts_per_pass: int) -> list[list[dict[str, Any]]]:
+@dataclass(frozen=True)
+class ItemFailure:
+    """A request of a batch that gets no answer: the HTTP ``status`` and a ``message`` naming the
+    text index within that request (never the text)."""
+
+    status: int
+    message: str
+
+
+def run_batch(predictor, items: list[PredictItem], max_texts_per_pass: int
+              ) -> list[list[dict[str, Any]] | ItemFailure]:
     """Answer every item of a batch with one encoder pass per ``top_k`` value (and per
     ``max_texts_per_pass`` texts), running the heads of the union of the items' tasks and giving
-    each item only the tasks it asked for."""
-    results: list[list[dict[str, Any]] | None] = [None] * len(items)
+    each item only the tasks it asked for.
+
+    A bad text fails only its own request: the predictor isolates failing rows (bisecting the
+    pass) and the request holding one gets an :class:`ItemFailure` (422 naming ``texts[i]`` when
+    the text is at fault, 500 when the model is); the other requests get their answers. Should the
+    batch fail outside the predictor, each request is retried alone."""
+    try:
+        return _run_batch(predictor, items, max_texts_per_pass)
+    except Exception:
+        if len(items) == 1:
+            logger.exception("mtl-ray: a batch of one request failed")
+            return [ItemFailure(500, "internal error: the model failed on this request")]
+        return [r for item in items for r in run_batch(predictor, [item], max_texts_per_pass)]
+
+
+def _run_batch(predictor, items: list[PredictItem], max_texts_per_pass: int
+               ) -> list[list[dict[str, Any]] | ItemFailure]:
+    from mtl.predictor import RowError
+
+    results: list[list[dict[str, Any]] | ItemFailure | None] = [None] * len(items)
     groups: dict[int, list[int]] = {}
     for i, item in enumerate(items):
         groups.setdefault(item.top_k, []).append(i)
@@ -108,15 +141,35 @@ def run_batch(predictor, items: list[PredictItem], max_texts_per_pass: int) -> l
         wanted = {t for i in members for t in items[i].tasks}
         tasks = [t for t in order if t in wanted]
         texts = [text for i in members for text in items[i].texts]
-        answers: list[dict[str, Any]] = []
+        answers: list[Any] = []
         for start in range(0, len(texts), max_texts_per_pass):
-            answers.extend(predictor.predict(texts[start:start + max_texts_per_pass], tasks, top_k))
+            answers.extend(predictor.predict(texts[start:start + max_texts_per_pass], tasks, top_k, errors="return"))
         pos = 0
         for i in members:
-            n = len(items[i].texts)
-            results[i] = [{t: answer[t] for t in items[i].tasks} for answer in answers[pos:pos + n]]
-            pos += n
+            mine = answers[pos:pos + len(items[i].texts)]
+            pos += len(items[i].texts)
+            bad = [(j, a) for j, a in enumerate(mine) if isinstance(a, RowError)]
+            if bad:
+                status = 422 if all(a.input_fault for _, a in bad) else 500
+                results[i] = ItemFailure(status, "; ".join(f"texts[{j}] {a.reason}" for j, a in bad[:10]))
+            else:
+                results[i] = [{t: answer[t] for t in items[i].tasks} for answer in mine]
     return results  # type: ignore[return-value]
+
+
+def answer_or_raise(answer: list[dict[str, Any]] | ItemFailure) -> list[dict[str, Any]]:
+    """A request's answers from its batch, or :class:`RequestError` with its failure's status."""
+    if isinstance(answer, ItemFailure):
+        raise RequestError(answer.status, answer.message)
+    return answer
+
+
+def request_id() -> str:
+    """Serve's id of the request being handled (also sent back as ``x-request-id``), or ""."""
+    try:
+        return serve.context._get_serve_request_context().request_id
+    except Exception:  # noqa: BLE001 - outside a replica (tests of the HTTP layer)
+        return ""
 
 
 # ---------------------------------------------------------------- HTTP layer (pure ASGI / FastAPI)
@@ -197,7 +250,7 @@ class GuardMiddleware:
         await self.app(scope, replay, send)
 
 
-ERRORS = {s: {"model": ErrorResponse} for s in (400, 401, 413, 422)}
+ERRORS = {s: {"model": ErrorResponse} for s in (400, 401, 413, 422, 500)}
 
 
 def make_api(service, spec: ServeSpec, token: str | None = None) -> FastAPI:
@@ -284,7 +337,7 @@ class MultiTaskPredictor:
         self._batched.set_max_batch_size(self.spec.max_batch_size)
         self._batched.set_batch_wait_timeout_s(self.spec.batch_wait_timeout_s)
         self.token = os.environ.get(self.spec.token_env) or None
-        self.counts = {"requests": 0, "texts": 0, "batches": 0, "max_batch": 0}
+        self.counts = {"requests": 0, "texts": 0, "batches": 0, "max_batch": 0, "failed": 0}
         logger.info("mtl-ray replica: %s from %s on %s%s in %.1f s; tasks %s; token %s", model, path,
                     self.predictor.device, " (int8)" if self.spec.quantize else "",
                     time.perf_counter() - started, self.task_names, "on" if self.token else "off")
@@ -296,7 +349,14 @@ class MultiTaskPredictor:
         return self.predictor.describe()
 
     async def predict(self, texts: list[str], tasks: list[str], top_k: int) -> list[dict[str, Any]]:
-        return await self._batched(PredictItem(list(texts), list(tasks), top_k))
+        """The answers for one request, from a shared batch; :class:`RequestError` (4xx/500) when
+        this request's texts could not be answered, logged once with the request id, no text."""
+        answer = await self._batched(PredictItem(list(texts), list(tasks), top_k))
+        if isinstance(answer, ItemFailure):
+            self.counts["failed"] += 1
+            logger.warning("mtl-ray: request %s refused with %d: %s", request_id() or "-", answer.status,
+                           answer.message)
+        return answer_or_raise(answer)
 
     def stats(self) -> dict[str, Any]:
         """This replica's counters (through a deployment handle: ``handle.stats.remote()``)."""
@@ -308,7 +368,7 @@ class MultiTaskPredictor:
                 "device": str(self.predictor.device), "quantized": self.spec.quantize}
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
-    async def _batched(self, items: list[PredictItem]) -> list[list[dict[str, Any]]]:
+    async def _batched(self, items: list[PredictItem]) -> list[list[dict[str, Any]] | ItemFailure]:
         c = self.counts
         c["batches"] += 1
         c["requests"] += len(items)

@@ -7,9 +7,11 @@ import json
 
 import pytest
 from fastapi.testclient import TestClient
+from hostile import HOSTILE, HOSTILE_SPEC, REFUSED, check_hostile_answer
 
 from mtl.config import ServeSpec
-from serve.app import PredictItem, make_api, run_batch
+from serve.app import PredictItem, answer_or_raise, make_api, run_batch
+from serve.schema import RequestError
 
 TOKEN = "s3cret-token"
 SPEC = ServeSpec(max_texts=4, max_chars=100, max_body_bytes=2048)
@@ -28,7 +30,7 @@ class LocalService:
         return self.predictor.describe()
 
     async def predict(self, texts, tasks, top_k):
-        return run_batch(self.predictor, [PredictItem(texts, tasks, top_k)], 64)[0]
+        return answer_or_raise(run_batch(self.predictor, [PredictItem(texts, tasks, top_k)], 64)[0])
 
 
 @pytest.fixture(scope="module")
@@ -175,3 +177,62 @@ def test_run_server_wiring(monkeypatch, tiny_artifact):
     assert url == "http://127.0.0.1:9123"
     assert calls["start"] == {"http_options": {"host": "127.0.0.1", "port": 9123, "request_timeout_s": 30.0}}
     assert calls["run"] == {"name": "mtl-ray", "route_prefix": "/"}
+
+
+def test_a_bad_text_fails_only_its_own_request_in_a_batch(tiny_artifact, predictor, poisoned_model):
+    """One request's text breaks the batched pass: only that request fails (422 naming its own
+    text index); every other request of the batch gets the answer it gets alone."""
+    from mtl.predictor import Predictor
+    from serve.app import ItemFailure
+
+    p = Predictor.load(tiny_artifact, device="cpu")
+    p.model = poisoned_model(p.model, p.tokenizer.convert_tokens_to_ids("denver"))
+    items = [
+        PredictItem(["fly from boston to dallas", "cheap flights"], ["slots"], 1),
+        PredictItem(["what a dull film", "to denver please", "hello"], ["sentiment", "intent"], 1),
+        PredictItem(["stocks fell sharply today"], ["topic"], 3),
+        PredictItem(["a fine day"], ["intent"], 1),
+    ]
+    got = run_batch(p, items, 64)
+    assert isinstance(got[1], ItemFailure) and got[1].status == 422
+    assert got[1].message.startswith("texts[1] ") and "IndexError" in got[1].message and "denver" not in got[1].message
+    for i in (0, 2, 3):
+        alone = predictor.predict(items[i].texts, items[i].tasks, items[i].top_k)
+        assert _close(got[i], alone), (got[i], alone)
+    with pytest.raises(RequestError) as err:
+        answer_or_raise(got[1])
+    assert err.value.status == 422
+
+
+class _FlakyPredictor:
+    """Pure logic: the union pass fails whenever two requests' texts share it; ``broken`` fails all."""
+
+    task_names = ["intent"]
+
+    def __init__(self, broken: bool = False):
+        self.broken = broken
+
+    def predict(self, texts, tasks, top_k, errors="raise"):
+        if self.broken or len(texts) > 1:
+            raise RuntimeError("device lost")
+        return [{"intent": {"label": texts[0]}}]
+
+
+def test_a_batch_that_fails_outside_the_predictor_is_retried_per_request():
+    from serve.app import ItemFailure
+
+    items = [PredictItem(["a"], ["intent"], 1), PredictItem(["b"], ["intent"], 1)]
+    assert run_batch(_FlakyPredictor(), items, 64) == [[{"intent": {"label": "a"}}], [{"intent": {"label": "b"}}]]
+    assert run_batch(_FlakyPredictor(broken=True), items, 64) == [
+        ItemFailure(500, "internal error: the model failed on this request")] * 2
+
+
+@pytest.mark.parametrize("name", list(HOSTILE))
+def test_hostile_texts_get_an_answer_or_a_4xx(predictor, name):
+    text = HOSTILE[name]
+    with TestClient(make_api(LocalService(predictor), HOSTILE_SPEC)) as client:
+        r = client.post("/v1/predict", content=json.dumps({"texts": [text]}),
+                        headers={"content-type": "application/json"})
+        check_hostile_answer(text, r.status_code, r.json())
+        assert r.status_code == (422 if name in REFUSED else 200), r.text
+        assert client.post("/v1/predict", json={"texts": ["fly to boston"]}).status_code == 200
