@@ -1,8 +1,9 @@
 """In-process predictions from a model artifact: what evaluation, Serve and the MLflow pyfunc share.
 
 One encoder pass per batch of texts serves every task asked for; each task's kind decodes its head.
-Texts longer than the model's ``max_length`` tokens are truncated: words past the cut get no slot
-tags, and sentence tasks see only the first ``max_length`` tokens.
+Each task reads a text up to its own ``max_length`` tokens, as in training and evaluation, so what
+is served is what was measured: one encoder pass at the longest length asked for, and one more
+per shorter length only for the texts longer than it. Words past a token task's cut get no tags.
 
 A bad row never fails its neighbours: texts the model cannot take (``mtl.encoding.text_problem``)
 are refused before the pass, and when a pass still fails, the batch is bisected until the failing
@@ -67,6 +68,7 @@ class Predictor:
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.model = model.to(self.device).eval()
         self.tokenizer = tokenizer
+        # a cap on every task's own max_length (None: each task reads up to its own)
         self.max_length = max_length or max(t.max_length for t in model.tasks.values())
         # On CPU, compute grows with padded tokens, so a batch is run as sub-batches of similar length
         # (a 12-token query does not pay for a 128-token article beside it). On GPUs one padded
@@ -146,26 +148,37 @@ class Predictor:
                                "the other texts were answered", input_fault=True)
 
     def _predict_rows(self, texts: list[str], names: list[str], top_k: int) -> list[dict[str, Any]]:
+        lengths = {n: min(self.model.tasks[n].max_length, self.max_length) for n in names}
         split = [split_words(t) for t in texts]
-        enc = tokenize_words(self.tokenizer, [w for w, _ in split], self.max_length, padding="longest")
+        words = [w for w, _ in split]
+        longest = max(lengths.values())
+        logits, word_ids, real = self._run(words, longest, names)
+        for length in sorted(set(lengths.values()) - {longest}):
+            over = [i for i in range(len(texts)) if real[i] > length]  # the texts this length cuts
+            if over:
+                short = [n for n in names if lengths[n] == length]
+                cut_logits, cut_ids, _ = self._run([words[i] for i in over], length, short)
+                for j, i in enumerate(over):
+                    logits[i].update(cut_logits[j])
+                    word_ids[i].update(cut_ids[j])
+        return [{name: self.model.kinds[name].decode(logits[i][name], split[i][0], split[i][1], word_ids[i][name],
+                                                      text, top_k) for name in names}
+                for i, text in enumerate(texts)]
+
+    def _run(self, words: list[list[str]], length: int, names: list[str]):
+        """Per text: {task: logits} and {task: word ids} at ``length`` tokens; and each text's token count."""
+        enc = tokenize_words(self.tokenizer, words, length, padding="longest")
         ids = torch.as_tensor(enc["input_ids"])
         mask = torch.as_tensor(enc["attention_mask"])
-        rows: list[dict[str, torch.Tensor] | None] = [None] * len(texts)  # per text: task -> its logits
+        logits: list[dict[str, torch.Tensor]] = [{} for _ in words]
         for group in self._groups(mask):
             width = int(mask[group].sum(1).max())  # right padding: real tokens come first
-            logits = self.model(ids[group, :width].to(self.device), mask[group, :width].to(self.device), names)
-            logits = {name: v.cpu() for name, v in logits.items()}
+            out = self.model(ids[group, :width].to(self.device), mask[group, :width].to(self.device), names)
+            out = {name: v.cpu() for name, v in out.items()}
             for j, i in enumerate(group.tolist()):
-                rows[i] = {name: logits[name][j] for name in names}
-        out = []
-        for i, text in enumerate(texts):
-            words, spans = split[i]
-            word_ids = enc.word_ids(i)
-            out.append({
-                name: self.model.kinds[name].decode(rows[i][name], words, spans, word_ids, text, top_k)
-                for name in names
-            })
-        return out
+                logits[i] = {name: out[name][j] for name in names}
+        word_ids = [dict.fromkeys(names, enc.word_ids(i)) for i in range(len(words))]
+        return logits, word_ids, mask.sum(1).tolist()
 
     def _groups(self, mask: torch.Tensor, ratio: float = 1.5) -> list[torch.Tensor]:
         """Row indices in sub-batches: all rows at once, or (``length_buckets``) rows sorted by length

@@ -14,8 +14,8 @@ is the task kind's (a new kind needs no change here):
 - token classification: ``{"entities": [{type, text, start, end, score}], "tags": [one per word]}``
   where ``text[start:end]`` of the request's text is the entity's text.
 
-Texts longer than the model's ``max_length`` tokens are truncated (see ``mtl/predictor.py``):
-sentence tasks see the first ``max_length`` tokens and later words get no tags.
+Each task reads a text up to its own ``max_length`` tokens, as training and evaluation do (see
+``mtl/predictor.py``): sentence tasks see the first ``max_length`` tokens and later words get no tags.
 
 What texts are taken (``mtl.encoding.text_problem``, the same check the predictor and the file
 readers run): a text that is not valid Unicode (a lone surrogate such as ``"\ud800"``, which JSON

@@ -213,3 +213,52 @@ def test_pyfunc_answers_good_rows_beside_a_bad_one(tiny_artifact):
         for t in ("intent", "topic"):  # padded beside another text: last float digits may move
             got = json.loads(out[t][i])
             assert got["label"] == want[t]["label"] and got["score"] == pytest.approx(want[t]["score"], abs=1e-5)
+
+
+def test_each_task_reads_up_to_its_own_max_length(tiny_encoder):
+    """A sentence task with max_length 8 beside a token task with 24: the short task's answer for a
+    long text is the model's answer on the text cut at 8 tokens, as training and evaluation cut
+    it (before, every task read up to the longest task's length). Texts within 8 tokens need no
+    second pass."""
+    from mtl.evaluation import evaluate_rows
+
+    tasks = [TaskInfo("short", "sequence_classification", ["a", "b", "c"], 8),
+             TaskInfo("slots", "token_classification", ["O", "B-X", "I-X"], 24)]
+    model = MultiTaskModel.from_encoder(tiny_encoder, tasks, seed=3)
+    tok = AutoTokenizer.from_pretrained(str(tiny_encoder))
+    p = Predictor(model, tok, device="cpu")
+    long_text = "show me the cheapest flights from boston to denver on monday morning please"
+    [o] = p.predict([long_text])
+    enc = tokenize_words(tok, [long_text.split()], 8, padding="longest")
+    with torch.inference_mode():
+        logits = model(torch.as_tensor(enc["input_ids"]), torch.as_tensor(enc["attention_mask"]), ["short"])["short"][0]
+    probs = torch.softmax(logits, -1)
+    assert o["short"]["label"] == "abc"[int(probs.argmax())]
+    assert o["short"]["score"] == pytest.approx(float(probs.max()), abs=1e-6)
+    assert len(o["slots"]["tags"]) == len(long_text.split())  # the token task still reads 24 tokens
+    [short_only] = Predictor(model, tok, device="cpu").predict([long_text], ["short"])
+    assert short_only["short"] == o["short"]
+    preds, _ = evaluate_rows(model, tok, model.kinds["short"], "short", [{"text": long_text, "label": "a"}],
+                             8, 4, torch.device("cpu"))
+    assert preds == [model.kinds["short"].index[o["short"]["label"]]]
+
+
+def test_served_answers_give_the_metrics_evaluate_reports(tiny_artifact, quick_data):
+    """The test sets through Predictor.predict (what Serve runs) give, per task, the same metrics
+    as mtl.evaluation.test_report (what `mtl-ray evaluate` and training report)."""
+    from mtl.evaluation import test_report
+
+    _, data = quick_data
+    p = Predictor.load(tiny_artifact, device="cpu")
+    rows = {t: d.splits["test"][:80] for t, d in data.items()}
+    report = test_report(p.model, p.tokenizer, rows, batch_size=32)
+    for task, task_rows in rows.items():
+        kind = p.model.kinds[task]
+        answers = p.predict([r["text"] for r in task_rows], [task])
+        if kind.name == "token_classification":
+            preds = [a[task]["tags"] for a in answers]
+            refs = [r["label"][:len(pr)] for r, pr in zip(task_rows, preds)]  # words past the cut: no tag
+        else:  # label indices, as the evaluation gathers them
+            preds = [kind.index[a[task]["label"]] for a in answers]
+            refs = [kind.index[r["label"]] for r in task_rows]
+        assert kind.metrics(preds, refs) == pytest.approx(report[task]["metrics"], abs=1e-9), task
