@@ -256,7 +256,12 @@ ERRORS = {s: {"model": ErrorResponse} for s in (400, 401, 413, 422, 500)}
 def make_api(service, spec: ServeSpec, token: str | None = None) -> FastAPI:
     """The FastAPI app around ``service`` (``model_name``, ``task_names``, ``describe()`` and
     ``async predict(texts, tasks, top_k)``), with ``spec``'s limits and an optional token."""
-    api = FastAPI(
+    from fastapi_offline import FastAPIOffline
+
+    # Swagger UI's scripts and styles come from the app (FastAPI's default loads them from a public
+    # CDN, so /docs rendered blank on an air-gapped host); ReDoc is left out.
+    api = FastAPIOffline(
+        redoc_url=None, static_url="/docs-assets",
         title="mtl-ray", version="1",
         description="One shared encoder, several task heads. `POST /v1/predict` answers the tasks "
                     "asked for (all by default) for every text in one encoder pass. When the server "

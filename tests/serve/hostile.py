@@ -37,3 +37,10 @@ def check_hostile_answer(text: str, status: int, body: dict) -> None:
             assert text[ent["start"]:ent["end"]] == ent["text"]
     else:
         assert "texts[0]" in json.dumps(body["detail"])
+
+
+def docs_assets(html: str) -> list[str]:
+    """Every script and stylesheet the /docs page loads."""
+    import re
+
+    return re.findall(r'<script[^>]+src="([^"]+)"', html) + re.findall(r'<link[^>]+href="([^"]+)"', html)

@@ -7,7 +7,7 @@ import json
 
 import pytest
 from fastapi.testclient import TestClient
-from hostile import HOSTILE, HOSTILE_SPEC, REFUSED, check_hostile_answer
+from hostile import HOSTILE, HOSTILE_SPEC, REFUSED, check_hostile_answer, docs_assets
 
 from mtl.config import ServeSpec
 from serve.app import PredictItem, answer_or_raise, make_api, run_batch
@@ -236,3 +236,16 @@ def test_hostile_texts_get_an_answer_or_a_4xx(predictor, name):
         check_hostile_answer(text, r.status_code, r.json())
         assert r.status_code == (422 if name in REFUSED else 200), r.text
         assert client.post("/v1/predict", json={"texts": ["fly to boston"]}).status_code == 200
+
+
+def test_docs_page_loads_its_assets_from_the_app(open_client):
+    """/docs works air-gapped: no CDN, every script and stylesheet it references is served here."""
+    r = open_client.get("/docs")
+    assert r.status_code == 200
+    assets = docs_assets(r.text)
+    assert len(assets) >= 3 and not [a for a in assets if "://" in a or a.startswith("//")], assets
+    for url in assets:
+        got = open_client.get(url)
+        assert got.status_code == 200 and len(got.content) > 1000, url
+    assert any(a.endswith("swagger-ui-bundle.js") for a in assets)
+    assert open_client.get("/openapi.json").json()["info"]["title"] == "mtl-ray"

@@ -8,7 +8,7 @@ import socket
 
 import httpx
 import pytest
-from hostile import HOSTILE, HOSTILE_SPEC, REFUSED, check_hostile_answer
+from hostile import HOSTILE, HOSTILE_SPEC, REFUSED, check_hostile_answer, docs_assets
 
 from mtl.config import ServeSpec
 
@@ -178,6 +178,12 @@ def test_concurrent_requests_are_batched_and_answered_each(base_url, predictor):
     """Many requests at once land in shared batches; each gets its own texts' and tasks' answers."""
     import asyncio
 
+    from ray import serve
+
+    from serve.app import APP_NAME
+
+    handle = serve.get_app_handle(APP_NAME)
+    before = handle.stats.remote().result(timeout_s=30)
     tasks_for = [["intent"], ["slots"], ["sentiment", "topic"], None]
 
     async def run():
@@ -205,6 +211,10 @@ def test_concurrent_requests_are_batched_and_answered_each(base_url, predictor):
                 if "entities" in answer:
                     assert [(e["type"], e["start"], e["end"]) for e in g[task]["entities"]] == \
                            [(e["type"], e["start"], e["end"]) for e in answer["entities"]]
+    after = handle.stats.remote().result(timeout_s=30)  # one replica: every request went through it
+    assert after["requests"] - before["requests"] == 24
+    assert after["texts"] - before["texts"] == 48
+    assert after["batches"] - before["batches"] < 24 and after["max_batch"] > 1  # batches formed
 
 
 def _same_answers(got: list[dict], want: list[dict]) -> None:
@@ -305,5 +315,9 @@ def test_hostile_texts_over_http_get_an_answer_or_a_4xx_and_the_server_stays_hea
             assert r.status_code == (422 if name in REFUSED else 200), (name, r.text)
             assert c.get("/healthz").status_code == 200
         assert c.post("/v1/predict", json={"texts": list(HOSTILE.values())[2:5]}).status_code == 200
+        docs = c.get("/docs")  # behind a route prefix, /docs still finds its own assets
+        assert docs.status_code == 200
+        for url in docs_assets(docs.text):
+            assert url.startswith("/hostile/") and c.get(url[len("/hostile"):]).status_code == 200, url
     with httpx.Client(base_url=base_url, timeout=30) as c:  # the main app was never disturbed
         assert c.post("/v1/predict", json={"texts": ["fly to boston"]}, headers=AUTH).status_code == 200
