@@ -86,6 +86,8 @@ class PredictResponse(BaseModel):
 
     predictions: list[dict[str, dict[str, Any]]]
     model: str
+    version: str | None = Field(None, description="The registered model version that answered "
+                                                   "(None when serving a directory).")
 
 
 class TaskInfoOut(BaseModel):
@@ -96,6 +98,7 @@ class TaskInfoOut(BaseModel):
 
 class TasksResponse(BaseModel):
     model: str
+    version: str | None = None
     tasks: list[TaskInfoOut]
 
 

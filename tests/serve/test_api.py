@@ -21,6 +21,7 @@ class LocalService:
     """What the replica offers make_api, without Serve's batching."""
 
     model_name = "tiny"
+    model_version = None
 
     def __init__(self, predictor):
         self.predictor = predictor
@@ -30,7 +31,7 @@ class LocalService:
         return self.predictor.describe()
 
     async def predict(self, texts, tasks, top_k):
-        return answer_or_raise(run_batch(self.predictor, [PredictItem(texts, tasks, top_k)], 64)[0])
+        return answer_or_raise(run_batch(self.predictor, [PredictItem(texts, tasks, top_k)], 64)[0]), None
 
 
 @pytest.fixture(scope="module")

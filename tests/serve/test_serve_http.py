@@ -321,3 +321,85 @@ def test_hostile_texts_over_http_get_an_answer_or_a_4xx_and_the_server_stays_hea
             assert url.startswith("/hostile/") and c.get(url[len("/hostile"):]).status_code == 200, url
     with httpx.Client(base_url=base_url, timeout=30) as c:  # the main app was never disturbed
         assert c.post("/v1/predict", json={"texts": ["fly to boston"]}, headers=AUTH).status_code == 200
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory, tiny_artifact, tiny_encoder, quick_data):
+    """A SQLite MLflow registry with two versions of a tiny model (different seeds, so different
+    answers) and ``champion`` on version 1."""
+    from mlflow.tracking import MlflowClient
+    from transformers import AutoTokenizer
+
+    from mtl.model import MultiTaskModel
+    from pipelines.data import task_infos
+
+    cfg, data = quick_data
+    root = tmp_path_factory.mktemp("registry")
+    second = root / "v2"
+    MultiTaskModel.from_encoder(tiny_encoder, task_infos(cfg, data), seed=7).save(
+        second, AutoTokenizer.from_pretrained(str(tiny_encoder)))
+    uri = f"sqlite:///{root}/mlflow.db"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    client.create_registered_model("tiny-follow")
+    for path in (tiny_artifact, second):
+        client.create_model_version("tiny-follow", source=str(path))
+    client.set_registered_model_alias("tiny-follow", "champion", "1")
+    return uri, client, {"1": tiny_artifact, "2": second}
+
+
+def test_moving_the_alias_under_load_switches_versions_with_no_failed_request(base_url, registry):
+    """`mtl-ray serve --model models:/<name>@champion` follows the alias: moved under steady load,
+    every request is a 200, answers name the version that gave them, switch from 1 to 2 once and
+    stay there, and equal that version's in-process answers."""
+    import threading
+    import time
+
+    from ray import serve
+
+    from mtl.predictor import Predictor
+    from serve.app import build_app, resolve_model
+
+    uri, client, paths = registry
+    model = "models:/tiny-follow@champion"
+    model_dir, version = resolve_model(model, uri)
+    assert version == "1"
+    spec = SPEC.model_copy(update={"follow_alias_s": 0.5})
+    serve.run(build_app(str(model_dir), spec, model_name=model, tracking_uri=uri, version=version),
+              name="follow", route_prefix="/follow")
+    want = {v: Predictor.load(p, device="cpu").predict(TEXTS[:2]) for v, p in paths.items()}
+    seen: list[tuple[float, int, str | None, list]] = []
+    stop = threading.Event()
+
+    def load():
+        with httpx.Client(base_url=f"{base_url}/follow", timeout=30) as c:
+            while not stop.is_set():
+                r = c.post("/v1/predict", json={"texts": TEXTS[:2]})
+                body = r.json()
+                seen.append((time.monotonic(), r.status_code, body.get("version"), body.get("predictions")))
+
+    workers = [threading.Thread(target=load) for _ in range(4)]
+    for w in workers:
+        w.start()
+    try:
+        time.sleep(2.0)
+        moved = time.monotonic()
+        client.set_registered_model_alias("tiny-follow", "champion", "2")
+        deadline = moved + 60
+        while time.monotonic() < deadline and sum(v == "2" for _, _, v, _ in seen) < 20:
+            time.sleep(0.2)
+    finally:
+        stop.set()
+        for w in workers:
+            w.join()
+    with httpx.Client(base_url=f"{base_url}/follow", timeout=30) as c:
+        assert c.get("/v1/tasks").json()["version"] == "2"
+    serve.delete("follow")
+    assert [s for _, s, _, _ in seen if s != 200] == []
+    versions = [v for _, _, v, _ in sorted(seen, key=lambda x: x[0])]
+    assert set(versions) == {"1", "2"} and versions.count("2") >= 20
+    first_two = versions.index("2")
+    assert all(v == "2" for v in versions[first_two + 8:])  # in flight at the switch may finish on 1
+    switch_s = min(t for t, _, v, _ in seen if v == "2") - moved
+    print(f"alias moved: first answer from version 2 after {switch_s:.1f} s; {len(seen)} requests, all 200")
+    for _, _, v, preds in seen:
+        assert preds == roundtrip(want[v])
