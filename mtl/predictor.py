@@ -74,6 +74,7 @@ class Predictor:
         # (a 12-token query does not pay for a 128-token article beside it). On GPUs one padded
         # launch is usually cheaper than several small ones: off by default there.
         self.length_buckets = self.device.type == "cpu" if length_buckets is None else length_buckets
+        self.tokens = 0  # tokens run through the encoder so far (padding excluded)
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device | None = None, quantize: bool = False,
@@ -170,6 +171,7 @@ class Predictor:
         enc = tokenize_words(self.tokenizer, words, length, padding="longest")
         ids = torch.as_tensor(enc["input_ids"])
         mask = torch.as_tensor(enc["attention_mask"])
+        self.tokens += int(mask.sum())
         logits: list[dict[str, torch.Tensor]] = [{} for _ in words]
         for group in self._groups(mask):
             width = int(mask[group].sum(1).max())  # right padding: real tokens come first

@@ -7,7 +7,8 @@
          -d '{"texts": ["fly from boston to denver"], "tasks": ["intent", "slots"]}'
 
 Endpoints: ``POST /v1/predict``, ``GET /v1/tasks``, ``GET /healthz``, OpenAPI at ``/docs``
-(request and answer shapes: ``serve/schema.py``).
+(request and answer shapes: ``serve/schema.py``). Per-task metrics in Prometheus format where Ray
+exports metrics (``serve/metrics.py``).
 
 How a request is served:
 
@@ -71,6 +72,7 @@ from fastapi.responses import JSONResponse
 from ray import serve
 
 from mtl.config import MlflowSpec, RunConfig, ServeSpec, load_config
+from serve.metrics import TaskMetrics
 from serve.schema import (
     ErrorResponse,
     HealthResponse,
@@ -355,6 +357,7 @@ class MultiTaskPredictor:
         self._batched.set_batch_wait_timeout_s(self.spec.batch_wait_timeout_s)
         self.token = os.environ.get(self.spec.token_env) or None
         self.counts = {"requests": 0, "texts": 0, "batches": 0, "max_batch": 0, "failed": 0, "reloads": 0}
+        self.metrics = TaskMetrics()
         self._stop = threading.Event()
         if alias_of(model) and self.spec.follow_alias_s:
             threading.Thread(target=self._follow_alias, name="mtl-ray-alias", daemon=True).start()
@@ -419,11 +422,15 @@ class MultiTaskPredictor:
         """The answers for one request, from a shared batch, and the model version that gave them;
         :class:`RequestError` (4xx/500) when this request's texts could not be answered, logged once
         with the request id, no text."""
+        started = time.perf_counter()
         answer, version = await self._batched(PredictItem(list(texts), list(tasks), top_k))
         if isinstance(answer, ItemFailure):
             self.counts["failed"] += 1
+            self.metrics.record_failure(answer.status)
             logger.warning("mtl-ray: request %s refused with %d: %s", request_id() or "-", answer.status,
                            answer.message)
+        else:
+            self.metrics.record_request(list(tasks), answer, 1000 * (time.perf_counter() - started))
         return answer_or_raise(answer), version
 
     def stats(self) -> dict[str, Any]:
@@ -443,8 +450,10 @@ class MultiTaskPredictor:
         c["texts"] += sum(len(i.texts) for i in items)
         c["max_batch"] = max(c["max_batch"], len(items))
         served = self.served  # one model for the whole batch, even if the alias moves meanwhile
+        tokens = served.predictor.tokens  # batches run one at a time (serve.batch's default)
         # the forward pass runs in a thread so the replica keeps accepting requests meanwhile
         answers = await asyncio.to_thread(run_batch, served.predictor, items, self.max_texts_per_pass)
+        self.metrics.record_batch(sum(len(i.texts) for i in items), served.predictor.tokens - tokens)
         return [(a, served.version) for a in answers]
 
 
