@@ -78,13 +78,25 @@ class Predictor:
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device | None = None, quantize: bool = False,
-             max_length: int | None = None, length_buckets: bool | None = None) -> Predictor:
+             max_length: int | None = None, length_buckets: bool | None = None,
+             backend: Literal["torch", "onnx"] = "torch") -> Predictor:
+        """``backend="onnx"``: ONNX Runtime on CPU (``mtl.onnx_backend``), exported on first use;
+        ``quantize``: dynamic int8 (torch or ONNX Runtime), CPU only."""
+        from mtl.registry import find_manifest_dir
+
+        path = find_manifest_dir(Path(path))
         device = torch.device(device) if device is not None else pick_device()
         model, tokenizer = MultiTaskModel.load(path, "cpu")
-        if quantize:
-            if device.type != "cpu":
-                raise ValueError("int8 dynamic quantization runs on CPU only")
+        if (quantize or backend == "onnx") and device.type != "cpu":
+            raise ValueError("int8 dynamic quantization and the onnx backend run on CPU only")
+        if backend == "onnx":
+            from mtl.onnx_backend import load_onnx
+
+            model = load_onnx(path, model, int8=quantize)
+        elif quantize:
             model = quantize_dynamic_int8(model)
+        elif backend != "torch":
+            raise ValueError(f"backend {backend!r}: use 'torch' or 'onnx'")
         return cls(model, tokenizer, max_length, device, length_buckets)
 
     @property

@@ -362,13 +362,13 @@ class MultiTaskPredictor:
         if alias_of(model) and self.spec.follow_alias_s:
             threading.Thread(target=self._follow_alias, name="mtl-ray-alias", daemon=True).start()
         logger.info("mtl-ray replica: %s (version %s) from %s on %s%s; tasks %s; token %s", model, version, path,
-                    self.predictor.device, " (int8)" if self.spec.quantize else "", self.task_names,
+                    self.predictor.device, f" ({self.spec.backend}{', int8' if self.spec.quantize else ''})", self.task_names,
                     "on" if self.token else "off")
 
     def _load(self, path: Path):
         from mtl.predictor import Predictor
 
-        return Predictor.load(path, device=_replica_device(), quantize=self.spec.quantize)
+        return Predictor.load(path, device=_replica_device(), quantize=self.spec.quantize, backend=self.spec.backend)
 
     def _follow_alias(self) -> None:
         """Every ``follow_alias_s``: where the alias points; a new version is downloaded and loaded
@@ -440,7 +440,7 @@ class MultiTaskPredictor:
         c = self.counts
         return {**c, "replica": serve.get_replica_context().replica_tag, "torch_threads": torch.get_num_threads(),
                 "mean_batch": c["requests"] / c["batches"] if c["batches"] else 0.0, "version": self.model_version,
-                "device": str(self.predictor.device), "quantized": self.spec.quantize}
+                "device": str(self.predictor.device), "quantized": self.spec.quantize, "backend": self.spec.backend}
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
     async def _batched(self, items: list[PredictItem]) -> list[tuple[list[dict[str, Any]] | ItemFailure, str | None]]:
@@ -463,6 +463,8 @@ def deployment_options(spec: ServeSpec, env: dict[str, str] | None = None) -> di
         raise ValueError(f"serve.min_replicas ({spec.min_replicas}) > serve.max_replicas ({spec.max_replicas})")
     if spec.quantize and spec.num_gpus > 0:
         raise ValueError("serve.quantize (int8) runs on CPU only; set serve.num_gpus to 0")
+    if spec.backend == "onnx" and spec.num_gpus > 0:
+        raise ValueError("serve.backend onnx runs on CPU only; set serve.num_gpus to 0 or serve.backend to torch")
     actor: dict[str, Any] = {"num_cpus": spec.num_cpus, "num_gpus": spec.num_gpus}
     if env:
         from pipelines.ray_utils import runtime_env
