@@ -1,7 +1,8 @@
 """In-process predictions from a model artifact: what evaluation, Serve and the MLflow pyfunc share.
 
 One encoder pass per batch of texts serves every task asked for; each task's kind decodes its head.
-Each task reads a text up to its own ``max_length`` tokens, as in training and evaluation, so what
+Scores are calibrated: each task's logits are divided by its ``temperature`` (``mtl.calibration``;
+1 until calibrated), which changes no label. Each task reads a text up to its own ``max_length`` tokens, as in training and evaluation, so what
 is served is what was measured: one encoder pass at the longest length asked for, and one more
 per shorter length only for the texts longer than it. Words past a token task's cut get no tags.
 
@@ -174,8 +175,9 @@ class Predictor:
                 for j, i in enumerate(over):
                     logits[i].update(cut_logits[j])
                     word_ids[i].update(cut_ids[j])
-        return [{name: self.model.kinds[name].decode(logits[i][name], split[i][0], split[i][1], word_ids[i][name],
-                                                      text, top_k) for name in names}
+        scale = {n: float(getattr(self.model.tasks[n], "temperature", 1.0) or 1.0) for n in names}
+        return [{name: self.model.kinds[name].decode(logits[i][name] / scale[name], split[i][0], split[i][1],
+                                                      word_ids[i][name], text, top_k) for name in names}
                 for i, text in enumerate(texts)]
 
     def _run(self, words: list[list[str]], length: int, names: list[str]):
