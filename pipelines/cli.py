@@ -98,7 +98,7 @@ def cmd_k8s(args) -> int:
     from pipelines.k8s import write_manifests
 
     paths = write_manifests(args.config, args.out, args.overrides, image=args.image, storage=args.storage,
-                            tracking_uri=args.tracking_uri, name=args.name)
+                            tracking_uri=args.tracking_uri, name=args.name, model=args.model)
     for path in paths.values():
         print(path)
     return 0
@@ -148,6 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--storage", default=None, help="object storage for output_dir: s3://, gs:// or abfs:// (default: the config's)")
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking server, http(s):// or databricks (default: the config's)")
     p.add_argument("--name", default=None, help="base name of the Kubernetes objects (default: the config's name)")
+    p.add_argument("--model", default=None, help="what the RayService serves (default models:/<registered_model>@champion; "
+                   "a version, models:/<name>/<n>, pins every replica to it and rolls it out on apply)")
     p.add_argument("--out", default="deploy/k8s", help="folder for rayjob.yaml and rayservice.yaml")
     p.set_defaults(func=cmd_k8s)
     return parser

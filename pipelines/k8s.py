@@ -73,6 +73,7 @@ class ClusterTarget:
     name: str  # base name of the Kubernetes objects
     token_secret: str  # Secret holding the serving bearer token under TOKEN_KEY
     credentials_secret: str  # optional Secret with storage / MLflow credentials as env vars
+    model: str  # what the RayService serves: models:/<registered_model>@champion or a pinned version
 
 
 def k8s_name(text: str) -> str:
@@ -95,7 +96,7 @@ def default_image(cfg: RunConfig) -> str:
 
 
 def make_target(cfg: RunConfig, image: str | None = None, storage: str | None = None,
-                tracking_uri: str | None = None, name: str | None = None) -> ClusterTarget:
+                tracking_uri: str | None = None, name: str | None = None, model: str | None = None) -> ClusterTarget:
     """The target from the flags (falling back to the config's ``output_dir`` and tracking URI);
     :class:`ManifestError` naming the flag when results would stay inside the cluster's pods."""
     storage = (storage or cfg.output_dir).rstrip("/")
@@ -112,9 +113,14 @@ def make_target(cfg: RunConfig, image: str | None = None, storage: str | None = 
     if not cfg.mlflow.enabled:
         raise ManifestError("mlflow.enabled is false: the RayService serves the registered champion, "
                             "so the job must register it; set mlflow.enabled=true")
+    model = model or f"models:/{cfg.mlflow.registered_model}@champion"
+    if not model.startswith(("models:/", "runs:/")) and not model.startswith(STORAGE_SCHEMES):
+        raise ManifestError(f"--model: {model!r} is not in the registry or object storage every replica can "
+                            "reach; use models:/<name>@<alias>, models:/<name>/<version> or runs:/<id>/model")
     base = k8s_name(name or cfg.name)
     return ClusterTarget(image=image or default_image(cfg), storage=storage, tracking_uri=tracking_uri,
-                         name=base, token_secret=f"{base}-token", credentials_secret=f"{base}-credentials")
+                         name=base, token_secret=f"{base}-token", credentials_secret=f"{base}-credentials",
+                         model=model)
 
 
 def _cpu(n: float) -> str:
@@ -214,9 +220,10 @@ def ray_job(cfg: RunConfig, target: ClusterTarget) -> dict[str, Any]:
 HTTP_FIELDS = ("host", "port", "request_timeout_s")
 
 
-def serve_config(cfg: RunConfig, tracking_uri: str) -> dict[str, Any]:
+def serve_config(cfg: RunConfig, tracking_uri: str, model: str | None = None) -> dict[str, Any]:
     """The Serve config (the schema of ``serve deploy``) of ``serve/serve_config.yaml``'s application
-    for this config's champion: ``models:/<registered_model>@champion`` and its ``serve:`` section."""
+    with the config's ``serve:`` section, serving ``model`` (default: the config's champion,
+    ``models:/<registered_model>@champion``)."""
     from serve.app import APP_NAME  # imports Ray Serve: only when manifests are written
 
     spec: ServeSpec = cfg.serve
@@ -232,7 +239,7 @@ def serve_config(cfg: RunConfig, tracking_uri: str) -> dict[str, Any]:
             "route_prefix": "/",
             "import_path": "serve.app:app_builder",
             "runtime_env": {"env_vars": dict(SERVE_ENV)},
-            "args": {"model": f"models:/{cfg.mlflow.registered_model}@champion",
+            "args": {"model": model or f"models:/{cfg.mlflow.registered_model}@champion",
                      "tracking_uri": tracking_uri, "serve": args_serve},
         }],
     }
@@ -253,7 +260,7 @@ def ray_service(cfg: RunConfig, target: ClusterTarget) -> dict[str, Any]:
         "apiVersion": "ray.io/v1", "kind": "RayService",
         "metadata": {"name": f"{target.name}-serve", "labels": {"app.kubernetes.io/name": "mtl-ray"}},
         "spec": {
-            "serveConfigV2": yaml.dump(serve_config(cfg, target.tracking_uri), Dumper=_Dumper, sort_keys=False),
+            "serveConfigV2": yaml.dump(serve_config(cfg, target.tracking_uri, target.model), Dumper=_Dumper, sort_keys=False),
             "rayClusterConfig": cluster,
         },
     }
@@ -289,11 +296,11 @@ def shipped_config(path: str | Path, overrides: list[str] | None = None) -> str:
 
 def write_manifests(config: str | Path, out_dir: str | Path, overrides: list[str] | None = None,
                     image: str | None = None, storage: str | None = None, tracking_uri: str | None = None,
-                    name: str | None = None) -> dict[str, Path]:
+                    name: str | None = None, model: str | None = None) -> dict[str, Path]:
     """Write ``rayjob.yaml`` (ConfigMap + RayJob) and ``rayservice.yaml`` for a run config into
     ``out_dir``; returns their paths. Validates the config (with ``overrides``) first."""
     cfg = load_config(config, overrides)
-    target = make_target(cfg, image, storage, tracking_uri, name)
+    target = make_target(cfg, image, storage, tracking_uri, name, model)
     text = shipped_config(config, overrides)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -151,6 +151,7 @@ def test_bearer_token_comes_from_a_secret_not_the_manifest(tmp_path):
     (["--storage", STORAGE], "--tracking-uri"),  # the config's sqlite:///mlflow.db
     (["--storage", STORAGE, "--tracking-uri", "file:///tmp/mlruns"], "--tracking-uri"),
     (["--storage", STORAGE, "--tracking-uri", TRACKING, "mlflow.enabled=false"], "mlflow.enabled"),
+    (["--storage", STORAGE, "--tracking-uri", TRACKING, "--model", "runs/x/model"], "--model"),
 ])
 def test_refuses_manifests_that_would_lose_results(tmp_path, capsys, flags, named):
     out = tmp_path / "k8s"
@@ -169,6 +170,13 @@ def test_cli_writes_both_manifests(tmp_path, capsys):
     assert job["metadata"]["name"] == "demo-run-train"
     assert "output_dir=gs://b/p mlflow.tracking_uri=databricks" in job["spec"]["entrypoint"]
     assert {c["image"] for c in containers(job["spec"]["rayClusterSpec"])} == {"reg.example.com/mtl-ray:1"}
+
+
+def test_a_pinned_model_version_changes_only_the_serve_config(tmp_path):
+    default = of_kind(manifests(tmp_path)[1], "RayService")
+    pinned = of_kind(manifests(tmp_path, model="models:/mtl-ray-atis-sentiment-news/7")[1], "RayService")
+    assert serve_config_of(pinned)["applications"][0]["args"]["model"] == "models:/mtl-ray-atis-sentiment-news/7"
+    assert pinned["spec"]["rayClusterConfig"] == default["spec"]["rayClusterConfig"]  # KubeRay updates in place
 
 
 def test_dockerfile_matches_the_makefile_and_copies_what_exists():
