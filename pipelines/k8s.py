@@ -13,7 +13,7 @@ What comes from the config:
   RayJob whose entrypoint is ``mtl-ray run --config CONFIG_DIR/run.yaml`` with ``output_dir`` and
   ``mlflow.tracking_uri`` overridden to ``--storage`` and ``--tracking-uri``. One worker pod per
   Ray Train worker (``train.num_workers`` × ``tune.max_concurrent`` trials, default 1), each with
-  ``train.cpus_per_worker`` + 1 CPUs (the extra one for Ray Data tasks beside the training
+  ``train.cpus_per_worker`` + 1 CPUs, rounded up (the extra one for Ray Data tasks beside the training
   worker) and one ``nvidia.com/gpu`` when ``train.use_gpu`` is true (``auto``: CPU pods).
 - ``rayservice.yaml``: a RayService whose ``serveConfigV2`` is the application of
   ``serve/serve_config.yaml`` (``serve.app:app_builder`` on ``models:/<registered_model>@champion``
@@ -124,8 +124,9 @@ def make_target(cfg: RunConfig, image: str | None = None, storage: str | None = 
 
 
 def _cpu(n: float) -> str:
-    """A Kubernetes CPU quantity: whole CPUs as "2", fractions in millicores ("500m")."""
-    return str(int(n)) if float(n).is_integer() else f"{math.ceil(n * 1000)}m"
+    """Whole CPUs, rounded up (at least 1): KubeRay gives Ray a whole CPU count derived from the
+    pod's limit, so whole limits keep what Ray schedules equal to what Kubernetes reserves."""
+    return str(max(1, math.ceil(n)))
 
 
 def _resources(cpu: float, memory: str, gpus: int = 0) -> dict[str, Any]:
@@ -260,7 +261,8 @@ def ray_service(cfg: RunConfig, target: ClusterTarget) -> dict[str, Any]:
         "apiVersion": "ray.io/v1", "kind": "RayService",
         "metadata": {"name": f"{target.name}-serve", "labels": {"app.kubernetes.io/name": "mtl-ray"}},
         "spec": {
-            "serveConfigV2": yaml.dump(serve_config(cfg, target.tracking_uri, target.model), Dumper=_Dumper, sort_keys=False),
+            "serveConfigV2": yaml.dump(serve_config(cfg, target.tracking_uri, target.model), Dumper=_Dumper,
+                                       sort_keys=False),
             "rayClusterConfig": cluster,
         },
     }

@@ -78,7 +78,7 @@ def test_job_runs_the_shipped_config_into_storage_and_the_tracking_server(tmp_pa
 
 
 def test_num_workers_sizes_the_job_and_travels_in_the_config(tmp_path):
-    job = of_kind(manifests(tmp_path, "train.num_workers=4", "train.batch_size=32")[0], "RayJob")
+    job = of_kind(manifests(tmp_path, "train.num_workers=4")[0], "RayJob")
     (group,) = job["spec"]["rayClusterSpec"]["workerGroupSpecs"]
     assert (group["replicas"], group["minReplicas"], group["maxReplicas"]) == (4, 4, 4)
     (worker,) = group["template"]["spec"]["containers"]
@@ -90,7 +90,7 @@ def test_num_workers_sizes_the_job_and_travels_in_the_config(tmp_path):
                                    "train.cpus_per_worker=0.5")[0], "RayJob")
     (group,) = concurrent["spec"]["rayClusterSpec"]["workerGroupSpecs"]
     assert group["replicas"] == 6  # 2 workers x 3 concurrent trials
-    assert group["template"]["spec"]["containers"][0]["resources"]["limits"]["cpu"] == "1500m"
+    assert group["template"]["spec"]["containers"][0]["resources"]["limits"]["cpu"] == "2"  # 0.5 + 1, whole CPUs
 
 
 def test_gpu_training_and_serving_ask_kubernetes_for_gpus(tmp_path):
