@@ -268,6 +268,19 @@ def ray_service(cfg: RunConfig, target: ClusterTarget) -> dict[str, Any]:
     }
 
 
+def check_runnable(cfg: RunConfig) -> None:
+    """The checks ``mtl-ray run`` and Serve make on start, made here: a job that cannot start
+    should fail on the laptop, not after its cluster came up."""
+    from pipelines.train import check_train_config
+    from serve.app import deployment_options
+
+    try:
+        check_train_config(cfg)
+        deployment_options(cfg.serve)
+    except ValueError as err:
+        raise ManifestError(str(err)) from None
+
+
 class _Dumper(yaml.SafeDumper):
     """Plain YAML for kubectl: no anchors, multi-line strings (config, serveConfigV2) as ``|`` blocks."""
 
@@ -302,6 +315,7 @@ def write_manifests(config: str | Path, out_dir: str | Path, overrides: list[str
     """Write ``rayjob.yaml`` (ConfigMap + RayJob) and ``rayservice.yaml`` for a run config into
     ``out_dir``; returns their paths. Validates the config (with ``overrides``) first."""
     cfg = load_config(config, overrides)
+    check_runnable(cfg)
     target = make_target(cfg, image, storage, tracking_uri, name, model)
     text = shipped_config(config, overrides)
     out = Path(out_dir)

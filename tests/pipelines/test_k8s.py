@@ -152,6 +152,9 @@ def test_bearer_token_comes_from_a_secret_not_the_manifest(tmp_path):
     (["--storage", STORAGE, "--tracking-uri", "file:///tmp/mlruns"], "--tracking-uri"),
     (["--storage", STORAGE, "--tracking-uri", TRACKING, "mlflow.enabled=false"], "mlflow.enabled"),
     (["--storage", STORAGE, "--tracking-uri", TRACKING, "--model", "runs/x/model"], "--model"),
+    # what the job or the Serve app would refuse on start, refused before any cluster exists
+    (["--storage", STORAGE, "--tracking-uri", TRACKING, "train.num_workers=3"], "train.batch_size (32)"),
+    (["--storage", STORAGE, "--tracking-uri", TRACKING, "serve.min_replicas=3"], "serve.min_replicas (3)"),
 ])
 def test_refuses_manifests_that_would_lose_results(tmp_path, capsys, flags, named):
     out = tmp_path / "k8s"
