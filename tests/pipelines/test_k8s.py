@@ -59,6 +59,12 @@ def test_manifests_pass_the_strict_kuberay_validator(tmp_path):
     assert "RayJob atis-sentiment-news-train valid" in proc.stdout
     assert "RayService atis-sentiment-news-serve valid" in proc.stdout
     assert "2 KubeRay document(s) checked, 0 error(s)" in proc.stdout
+    # the Serve schema check is live under this interpreter (without Ray, the validator skips it)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text((tmp_path / "k8s" / "rayservice.yaml").read_text().replace(
+        "proxy_location: EveryNode", "proxy_location: Sometimes"))
+    proc = subprocess.run([sys.executable, str(VALIDATOR), str(bad)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "serveConfigV2" in proc.stdout and "proxy_location" in proc.stdout, proc.stdout
 
 
 def test_job_runs_the_shipped_config_into_storage_and_the_tracking_server(tmp_path):
