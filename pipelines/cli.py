@@ -6,7 +6,6 @@
     mtl-ray run   --config configs/quick.yaml [--serve]  # data -> sweep/train -> test -> register (-> serve)
     mtl-ray serve --model models:/mtl-ray-quick@champion # Ray Serve on 127.0.0.1:8000
     mtl-ray evaluate --config ... --model DIR            # an artifact's metrics on the test sets (no Ray)
-    mtl-ray k8s   --config ... --storage s3://... --tracking-uri https://...  # KubeRay RayJob + RayService
 
 Config errors, missing data packages and wrong columns are reported before Ray starts.
 """
