@@ -143,7 +143,11 @@ class TuneSpec(_Strict):
 class ServeSpec(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
-    max_batch_size: int = Field(32, ge=1)
+    max_batch_size: int = Field(32, ge=1)  # requests per batch (when max_batch_tokens is None)
+    # batch by tokens instead: requests join a batch up to this many tokens (estimated from words,
+    # capped at the model's length per text), so a flood of short queries forms large batches and a
+    # long article fills one alone; None: batches of up to max_batch_size requests
+    max_batch_tokens: int | None = Field(None, ge=16)
     batch_wait_timeout_s: float = Field(0.01, ge=0)
     min_replicas: int = Field(1, ge=0)
     max_replicas: int = Field(2, ge=1)

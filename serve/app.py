@@ -15,7 +15,8 @@ How a request is served:
 - Each replica loads the model once (``Predictor.load``: CUDA when Ray gave the replica a GPU
   (``num_gpus`` > 0), else CPU even on a GPU node; ``quantize: true`` gives int8 dynamic
   quantization, CPU only).
-- ``@serve.batch`` groups concurrent requests (``max_batch_size`` requests, waiting at most
+- ``@serve.batch`` groups concurrent requests (``max_batch_size`` requests, or with
+  ``max_batch_tokens`` as many as fit that many estimated tokens; waiting at most
   ``batch_wait_timeout_s``); a batch runs the encoder once over all its texts, with the heads of
   the union of the tasks its requests asked for, and each request gets back only its tasks.
   Requests with different ``top_k`` in one batch are decoded in one pass per distinct ``top_k``.
@@ -97,11 +98,24 @@ logger = logging.getLogger("ray.serve")
 
 @dataclass(frozen=True)
 class PredictItem:
-    """One request's share of a batch."""
+    """One request's share of a batch; ``cost``: its size in the batch's unit (1 request, or its
+    estimated tokens with ``serve.max_batch_tokens``)."""
 
     texts: list[str]
     tasks: list[str]
     top_k: int = 1
+    cost: int = 1
+
+
+def estimated_tokens(texts: list[str], max_length: int) -> int:
+    """Tokens the encoder will see for ``texts``: about 1.3 WordPiece tokens per word plus [CLS] and
+    [SEP], at most ``max_length`` per text (no tokenizer call on the request path)."""
+    return sum(min(max_length, 2 + (13 * len(t.split()) + 9) // 10) for t in texts)
+
+
+def batch_cost(items: list[PredictItem]) -> int:
+    """Serve's batch size function: the sum of the items' costs."""
+    return sum(i.cost for i in items)
 
 
 @dataclass(frozen=True)
@@ -352,8 +366,11 @@ class MultiTaskPredictor:
         self.tracking_uri = tracking_uri
         path = _replica_model_dir(pinned(model, version), model_dir, tracking_uri)
         self.served = Served(self._load(path), version)
-        self.max_texts_per_pass = max(self.spec.max_batch_size, self.spec.max_texts)
-        self._batched.set_max_batch_size(self.spec.max_batch_size)
+        budget = self.spec.max_batch_tokens
+        self.max_texts_per_pass = max(self.spec.max_batch_size, self.spec.max_texts, (budget or 0) // 8)
+        # with a token budget, Serve's "max_batch_size" counts tokens (batch_cost); Serve may warn
+        # that it exceeds max_ongoing_requests, which counts requests: that warning does not apply
+        self._batched.set_max_batch_size(budget or self.spec.max_batch_size)
         self._batched.set_batch_wait_timeout_s(self.spec.batch_wait_timeout_s)
         self.token = os.environ.get(self.spec.token_env) or None
         self.counts = {"requests": 0, "texts": 0, "batches": 0, "max_batch": 0, "failed": 0, "reloads": 0}
@@ -423,7 +440,9 @@ class MultiTaskPredictor:
         :class:`RequestError` (4xx/500) when this request's texts could not be answered, logged once
         with the request id, no text."""
         started = time.perf_counter()
-        answer, version = await self._batched(PredictItem(list(texts), list(tasks), top_k))
+        budget = self.spec.max_batch_tokens
+        cost = min(budget, estimated_tokens(texts, self.predictor.max_length)) if budget else 1
+        answer, version = await self._batched(PredictItem(list(texts), list(tasks), top_k, cost))
         if isinstance(answer, ItemFailure):
             self.counts["failed"] += 1
             self.metrics.record_failure(answer.status)
@@ -442,13 +461,14 @@ class MultiTaskPredictor:
                 "mean_batch": c["requests"] / c["batches"] if c["batches"] else 0.0, "version": self.model_version,
                 "device": str(self.predictor.device), "quantized": self.spec.quantize, "backend": self.spec.backend}
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01, batch_size_fn=batch_cost)
     async def _batched(self, items: list[PredictItem]) -> list[tuple[list[dict[str, Any]] | ItemFailure, str | None]]:
         c = self.counts
         c["batches"] += 1
         c["requests"] += len(items)
         c["texts"] += sum(len(i.texts) for i in items)
         c["max_batch"] = max(c["max_batch"], len(items))
+        c["max_batch_cost"] = max(c.get("max_batch_cost", 0), batch_cost(items))
         served = self.served  # one model for the whole batch, even if the alias moves meanwhile
         tokens = served.predictor.tokens  # batches run one at a time (serve.batch's default)
         # the forward pass runs in a thread so the replica keeps accepting requests meanwhile

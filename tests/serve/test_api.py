@@ -250,3 +250,14 @@ def test_docs_page_loads_its_assets_from_the_app(open_client):
         assert got.status_code == 200 and len(got.content) > 1000, url
     assert any(a.endswith("swagger-ui-bundle.js") for a in assets)
     assert open_client.get("/openapi.json").json()["info"]["title"] == "mtl-ray"
+
+
+def test_token_budget_costs():
+    from serve.app import batch_cost, estimated_tokens
+
+    assert estimated_tokens(["fly to boston"], 48) == 2 + 4  # 3 words * 1.3, rounded up, + CLS/SEP
+    assert estimated_tokens(["word " * 500], 48) == 48  # capped at the model's length
+    assert estimated_tokens(["a b", "c d e f"], 48) == (2 + 3) + (2 + 6)
+    items = [PredictItem(["a"], ["intent"], 1, cost=7), PredictItem(["b"], ["intent"], 1, cost=5)]
+    assert batch_cost(items) == 12
+    assert batch_cost([PredictItem(["a"], ["intent"])] * 3) == 3  # without a budget: requests

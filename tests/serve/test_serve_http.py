@@ -16,8 +16,9 @@ pytestmark = pytest.mark.slow
 
 TOKEN = "test-token-123"
 AUTH = {"authorization": f"Bearer {TOKEN}"}
+# the main app batches by tokens (max_batch_tokens); the alias-following app by requests
 SPEC = ServeSpec(max_texts=8, max_chars=200, max_body_bytes=4096, min_replicas=1, max_replicas=1,
-                 num_cpus=0.5, max_batch_size=8, batch_wait_timeout_s=0.005)
+                 num_cpus=0.5, max_batch_size=8, max_batch_tokens=400, batch_wait_timeout_s=0.005)
 TEXTS = [
     "  fly from  boston to denver ",
     "show me\tthe cheapest flights to new york on monday morning",
@@ -215,6 +216,7 @@ def test_concurrent_requests_are_batched_and_answered_each(base_url, predictor):
     assert after["requests"] - before["requests"] == 24
     assert after["texts"] - before["texts"] == 48
     assert after["batches"] - before["batches"] < 24 and after["max_batch"] > 1  # batches formed
+    assert after["max_batch_cost"] <= 400  # by tokens: no batch over the budget
 
 
 def _same_answers(got: list[dict], want: list[dict]) -> None:
@@ -284,7 +286,8 @@ def test_a_text_that_breaks_the_pass_fails_only_its_request_in_serves_batch(base
                     resp.result(timeout_s=60)
                 assert err.value.status == 422 and err.value.message.startswith("texts[1] contains a lone surrogate")
             else:
-                _same_answers(resp.result(timeout_s=60), predictor.predict(texts, ["intent", "slots"]))
+                answers, _version = resp.result(timeout_s=60)
+                _same_answers(answers, predictor.predict(texts, ["intent", "slots"]))
     after = handle.stats.remote().result(timeout_s=30)
     assert after["failed"] - before["failed"] == 3
     assert after["requests"] - before["requests"] == 51
@@ -363,7 +366,7 @@ def test_moving_the_alias_under_load_switches_versions_with_no_failed_request(ba
     model = "models:/tiny-follow@champion"
     model_dir, version = resolve_model(model, uri)
     assert version == "1"
-    spec = SPEC.model_copy(update={"follow_alias_s": 0.5})
+    spec = SPEC.model_copy(update={"follow_alias_s": 0.5, "max_batch_tokens": None})
     serve.run(build_app(str(model_dir), spec, model_name=model, tracking_uri=uri, version=version),
               name="follow", route_prefix="/follow")
     want = {v: Predictor.load(p, device="cpu").predict(TEXTS[:2]) for v, p in paths.items()}
