@@ -18,7 +18,7 @@ from mtl.config import RunConfig
 from mtl.tracking import absolute_tracking_uri, end_run, flat_params, setup, start_run
 
 __all__ = ["CHAMPION", "absolute_tracking_uri", "confusion_png", "end_run", "flat_params", "log_model",
-           "log_summary", "log_test_results", "model_card", "register", "report_text", "setup", "start_run"]
+           "log_summary", "log_test_results", "model_card", "model_requirements", "register", "report_text", "setup", "start_run"]
 
 CHAMPION = "champion"
 
@@ -107,12 +107,29 @@ def model_card(cfg: RunConfig, results: dict[str, dict[str, Any]], sizes: dict[s
     return "\n".join(lines)
 
 
+# What loading the pyfunc model imports: the ``mtl`` package (shipped as code with the model) and
+# these distributions. mlflow-skinny is the part of MLflow that loads pyfunc models.
+MODEL_REQUIREMENTS = ("mlflow-skinny", "torch", "transformers", "tokenizers", "safetensors", "numpy", "pandas",
+                      "seqeval")
+
+
+def model_requirements() -> list[str]:
+    """``MODEL_REQUIREMENTS`` pinned to the versions installed here (local labels such as ``+cpu``
+    dropped: ``torch==2.13.0`` is satisfied by the CPU and the CUDA builds alike)."""
+    from importlib.metadata import version
+
+    return [f"{name}=={version(name).split('+', 1)[0]}" for name in MODEL_REQUIREMENTS]
+
+
 def log_model(run_id: str, artifact_dir: str | Path, name: str = "model") -> str:
-    """Log the artifact as an MLflow pyfunc model (models from code) in ``run_id``; returns its URI."""
+    """Log the artifact as an MLflow pyfunc model (models from code) in ``run_id``; returns its URI.
+    The model carries the ``mtl`` package as code and pins its requirements, so
+    ``mlflow.pyfunc.load_model`` works in an environment holding only what it declares."""
     import warnings
 
     import mlflow
 
+    import mtl
     import mtl.pyfunc_model as code
 
     warnings.filterwarnings("ignore", message=".*type hints to the `predict` method.*")
@@ -121,7 +138,8 @@ def log_model(run_id: str, artifact_dir: str | Path, name: str = "model") -> str
             name=name,
             python_model=code.__file__,
             artifacts={"mtl_model": str(artifact_dir)},
-            pip_requirements=["mtl-ray", "torch>=2.4", "transformers", "safetensors", "pandas"],
+            code_paths=[str(Path(mtl.__file__).parent)],
+            pip_requirements=model_requirements(),
         )
     return info.model_uri
 
