@@ -190,19 +190,36 @@ def _interrupt_after_first_trial(marker: Path):
     return Interrupt()
 
 
+def _held_back(inner, marker: Path):
+    """A trainer factory around ``inner`` that holds the second trial's first attempt back until
+    ``marker`` exists (the first trial finished and the driver got Ctrl-C): the order in which the
+    trials finish is fixed, whatever the machine's speed. A local class, so Ray pickles it by value."""
+    import time
+
+    class HeldBack:
+        def __call__(self, trial):
+            if trial.run_name.endswith("_00001-1"):  # trial 1, attempt 1
+                while not marker.exists():
+                    time.sleep(0.2)
+            return inner(trial)
+
+    return HeldBack()
+
+
 def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(ray_session, tiny_encoder, tmp_path):
     import pandas as pd
 
-    from pipelines.tuning import run_tune
-    from tune.sweep import SweepInterrupted
+    from pipelines.data import read_tasks
+    from pipelines.tuning import TrialTrainer, run_tune
+    from tune.sweep import SweepInterrupted, run_sweep
 
-    # one trial at a time: when the first finishes and the driver gets Ctrl-C, the second cannot
-    # have finished too, whatever the timing
     cfg = small_config(tmp_path, tiny_encoder, "resume-test",
-                       tune={"num_samples": 2, "max_concurrent": 1, "compare_equal": True},
+                       tune={"num_samples": 2, "max_concurrent": 2, "compare_equal": True},
                        train={"max_steps": 6})
+    marker = tmp_path / "interrupted"
     with pytest.raises(SweepInterrupted):
-        run_tune(cfg, callbacks=[_interrupt_after_first_trial(tmp_path / "interrupted")])
+        run_sweep(cfg, _held_back(TrialTrainer(read_tasks(cfg)), marker),
+                  callbacks=[_interrupt_after_first_trial(marker)])
     sweep_dirs = list((tmp_path / "runs" / "resume-test").glob("sweep-*"))
     assert len(sweep_dirs) == 1
     starts = sweep_dirs[0] / "starts"
@@ -214,7 +231,7 @@ def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(ray_sess
     analysis = ExperimentAnalysis(str(sweep_dirs[0] / "trials"))
     before = {t.trial_id: (t.status, dict(t.last_result)) for t in analysis.trials}
     done = [tid for tid, (status, _) in before.items() if status == "TERMINATED"]
-    assert len(before) == 2 and done == [(tmp_path / "interrupted").read_text()]
+    assert len(before) == 2 and done == [marker.read_text()] and done[0].endswith("_00000")
     best_before = analysis.trial_dataframes[done[0]]["objective"].max()
 
     out = run_tune(cfg, resume=True)
