@@ -221,9 +221,11 @@ def _close_runs(uri: str | None, parent_run_id: str, status: str = "KILLED", tri
 def reap_orphan_placement_groups() -> int:
     """Remove this job's placement groups whose creating actor is dead; returns how many.
 
-    A stopped trial's actor is killed and its Train controller with it, but the controller's
-    worker placement group lives as long as the job (Ray's lifetime rule for non-detached groups).
-    Ray Train's own ``PlacementGroupCleaner`` should remove it, yet it finds the cluster through
+    Workaround of a Ray bug: a stopped trial's actor is killed and its Train controller with it,
+    but the controller's worker placement group lives as long as the job (Ray's lifetime rule for
+    non-detached groups; Tune + Train V2, see ray-project/ray#58515, which added Train's
+    ``PlacementGroupCleaner`` for it, and #62753, a race that still orphans groups).
+    That cleaner should remove it, yet it finds the cluster through
     the State API without an address, which fails when several Ray instances run on one machine
     ("Found multiple active Ray instances"); the group then holds its CPUs for the rest of the sweep
     and later trials wait forever. Groups the driver made (Tune's trial groups) have no creating

@@ -4,12 +4,17 @@ installed first, as ``make setup`` does) and nothing of this checkout: the ``mtl
 the model. Isolated mode (``-I``), an empty PYTHONPATH and another working directory keep the
 checkout and the development venv (where mtl-ray is installed editable) out of reach.
 
-Slow: the environment is built by pip (torch from the local wheel, the rest through pip's cache)."""
+Slow: the environment is built by pip (torch from the local wheel, the rest through pip's cache),
+about 4-5 minutes on a busy 2-core machine. It is kept under ``$MTL_RAY_TEST_VENVS`` (default
+``~/.cache/mtl-ray/test-venvs``) keyed by the hash of the requirements, so later runs only load
+the model (about 20 s); a change in what the model declares builds a new one."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -37,6 +42,30 @@ def _run(cmd: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedP
     return proc
 
 
+def declared_venv(requirements_file: Path) -> Path:
+    """A venv holding exactly ``requirements_file`` (torch's pin installed first, so pip takes the
+    CPU build), built once per distinct requirements text; a half-built one is never reused."""
+    text = requirements_file.read_text()
+    root = Path(os.environ.get("MTL_RAY_TEST_VENVS", Path.home() / ".cache" / "mtl-ray" / "test-venvs"))
+    venv = root / f"pyfunc-{hashlib.sha256(text.encode()).hexdigest()[:16]}"
+    done = venv / "built-from-requirements.txt"  # written last: a venv without it is half-built
+    if done.exists():
+        return venv
+    shutil.rmtree(venv, ignore_errors=True)
+    root.mkdir(parents=True, exist_ok=True)
+    _run([sys.executable, "-m", "venv", str(venv)], root)  # built at its final path: venvs do not move
+    py = str(venv / "bin" / "python")
+    try:
+        torch_pin = next(r for r in text.split() if r.startswith("torch=="))
+        _run([py, "-m", "pip", "install", "-q", torch_pin], root)  # the CPU build (a local wheel here)
+        _run([py, "-m", "pip", "install", "-q", "-r", str(requirements_file)], root)
+    except BaseException:
+        shutil.rmtree(venv, ignore_errors=True)
+        raise
+    done.write_text(text)
+    return venv
+
+
 def test_logged_model_loads_in_a_fresh_venv_from_its_declared_requirements(tmp_path, tiny_artifact):
     import mlflow
 
@@ -57,12 +86,7 @@ def test_logged_model_loads_in_a_fresh_venv_from_its_declared_requirements(tmp_p
     assert sorted(requirements) == sorted(tracking.model_requirements())
     assert (local / "code" / "mtl" / "predictor.py").is_file()
 
-    venv = tmp_path / "venv"
-    _run([sys.executable, "-m", "venv", str(venv)], tmp_path)
-    py = str(venv / "bin" / "python")
-    torch_pin = next(r for r in requirements if r.startswith("torch=="))
-    _run([py, "-m", "pip", "install", "-q", torch_pin], tmp_path)  # the CPU build (a local wheel here)
-    _run([py, "-m", "pip", "install", "-q", "-r", str(local / "requirements.txt")], tmp_path)
+    py = str(declared_venv(local / "requirements.txt") / "bin" / "python")
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     texts = ["show me flights from boston to denver", "a dull, lifeless film"]
