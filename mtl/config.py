@@ -168,6 +168,9 @@ class ServeSpec(_Strict):
     # end-to-end HTTP limit (Serve's http_options, cluster-wide): a request not answered in time gets
     # a 408 instead of waiting forever, e.g. one in flight on a replica that died; None: no limit
     request_timeout_s: float | None = Field(30.0, gt=0)
+    # seconds between checks of a models:/<name>@<alias> model's alias; when it moves, each replica
+    # loads the new version beside the old and switches between two batches (no request fails)
+    follow_alias_s: float | None = Field(10.0, gt=0)
 
 
 class MlflowSpec(_Strict):

@@ -4,6 +4,7 @@ character spans), the fast tokenizer runs on the words, and labels align to the 
 from __future__ import annotations
 
 import re
+import unicodedata
 from typing import Any
 
 import numpy as np
@@ -11,6 +12,30 @@ import numpy as np
 from mtl.tasks import TaskKind
 
 _WORD = re.compile(r"\S+")
+# Unicode categories that carry no visible content: controls (NUL, ...), format characters (BOM,
+# zero-width space/joiners, bidi overrides), separators.
+_INVISIBLE = frozenset({"Cc", "Cf", "Zs", "Zl", "Zp"})
+
+
+def text_problem(text: str) -> str | None:
+    """Why the model cannot take ``text``, or None when it can.
+
+    Refused: text that is not valid Unicode (a lone UTF-16 surrogate, U+D800..U+DFFF, which
+    no UTF-8 encoder accepts and which makes the fast tokenizer raise), and text with no visible
+    character (empty, or only whitespace, control and format characters such as NUL, BOM,
+    zero-width spaces and bidi overrides). Accepted as they are: control and format characters
+    beside visible ones (the tokenizer drops them; character spans still index the original
+    text), combining marks, emoji, and words longer than any vocabulary entry (one ``[UNK]``).
+    The message never quotes the text.
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return (f"contains a lone surrogate U+{ord(text[e.start]):04X} at character {e.start}, "
+                "which is not valid Unicode; send UTF-8 text")
+    if not any(unicodedata.category(ch) not in _INVISIBLE for ch in text):
+        return "has no visible character (only whitespace, control or format characters)"
+    return None
 
 
 def split_words(text: str) -> tuple[list[str], list[tuple[int, int]]]:

@@ -1,7 +1,9 @@
 """The registered model as an MLflow ``pyfunc`` (models from code: nothing is pickled).
 
 Input: a DataFrame with a ``text`` column (or a list of strings); output: one row per text with a
-JSON column per task holding the same answer the Serve endpoint gives.
+JSON column per task holding the same answer the Serve endpoint gives, and an ``error`` column:
+``None``, or why that row got no answer (its task columns are then ``None``). A bad row never
+fails the others.
 """
 
 from __future__ import annotations
@@ -26,8 +28,13 @@ class MultiTaskPyfunc(PythonModel):
         else:
             texts = [str(t) for t in model_input]
         tasks = (params or {}).get("tasks")
-        answers = self.predictor.predict(texts, tasks=tasks.split(",") if isinstance(tasks, str) else tasks)
-        return pd.DataFrame([{t: json.dumps(a) for t, a in row.items()} for row in answers])
+        from mtl.predictor import RowError
+
+        names = tasks.split(",") if isinstance(tasks, str) else (tasks or self.predictor.task_names)
+        answers = self.predictor.predict(texts, tasks=names, errors="return")
+        rows = [{t: None for t in names} | {"error": str(a)} if isinstance(a, RowError)
+                else {t: json.dumps(v) for t, v in a.items()} | {"error": None} for a in answers]
+        return pd.DataFrame(rows, columns=[*names, "error"])
 
 
 mlflow.models.set_model(MultiTaskPyfunc())

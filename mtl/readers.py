@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from mtl.config import DataSpec, SourceSpec, TaskSpec
+from mtl.encoding import text_problem
 from mtl.packages import package_root
 
 SPLITS = ("train", "validation", "test")
@@ -121,6 +122,15 @@ def _column(df_cols: list[str], spec: SourceSpec, name: str, where: str, path: s
     return col
 
 
+def _check_text(text: str, n: int, where: str, path: str) -> str:
+    """``text`` when the model can take it, else a DataError naming the file's row (1-based) and
+    the problem (``mtl.encoding.text_problem``: a lone surrogate, or nothing visible)."""
+    problem = text_problem(text)
+    if problem:
+        raise DataError(f"{where}: {path or 'the data'}: row {n}: the text {problem}; fix or drop that row")
+    return text
+
+
 def _table_rows(records: list[dict[str, Any]], spec: SourceSpec, kind: str, where: str,
                 path: str = "") -> list[Row]:
     cols = list(records[0].keys()) if records else []
@@ -128,25 +138,27 @@ def _table_rows(records: list[dict[str, Any]], spec: SourceSpec, kind: str, wher
     if kind == "token_classification":
         tcol = _column(cols, spec, "tokens", where, path)
         gcol = _column(cols, spec, "tags", where, path)
-        for r in records:
+        for n, r in enumerate(records, 1):
             toks, tags = list(r[tcol]), list(r[gcol])
             if len(toks) != len(tags):
                 raise DataError(f"{where}: {path}: a row has {len(toks)} tokens but {len(tags)} tags")
-            rows.append({"text": " ".join(str(t) for t in toks), "label": [str(t) for t in tags]})
+            text = _check_text(" ".join(str(t) for t in toks), n, where, path)
+            rows.append({"text": text, "label": [str(t) for t in tags]})
         return rows
     xcol = _column(cols, spec, "text", where, path)
     ycol = _column(cols, spec, "label", where, path)
-    for r in records:
+    for n, r in enumerate(records, 1):
         text, lab = r[xcol], r[ycol]
         if text is None or lab is None:
             continue
+        text = _check_text(str(text), n, where, path)
         if kind == "multi_label":
             lab = [p for p in str(lab).split(spec.label_separator) if p] if isinstance(lab, str) else list(lab)
         elif kind == "regression":
             lab = float(lab)
         else:
             lab = str(lab)
-        rows.append({"text": str(text), "label": lab})
+        rows.append({"text": text, "label": lab})
     return rows
 
 

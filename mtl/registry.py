@@ -3,11 +3,16 @@
     local_artifact("runs/quick/model")                      # an artifact directory
     local_artifact("models:/mtl-ray-quick@champion")        # the registry (alias or version)
     local_artifact("runs:/<run_id>/model")                  # a run's logged model
+    registry_version("models:/mtl-ray-quick@champion", uri)  # the version the alias points at now
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
+
+_ALIAS = re.compile(r"^models:/(?P<name>[^/@]+)@(?P<alias>[^/@]+)/?$")
+_VERSION = re.compile(r"^models:/(?P<name>[^/@]+)/(?P<version>\d+)/?$")
 
 MANIFEST = "manifest.json"
 
@@ -36,3 +41,31 @@ def local_artifact(model: str, tracking_uri: str | None = None, dst: str | None 
         mlflow.set_registry_uri(tracking_uri)
     local = mlflow.artifacts.download_artifacts(artifact_uri=model, dst_path=dst)
     return find_manifest_dir(Path(local))
+
+
+def alias_of(model: str) -> tuple[str, str] | None:
+    """(name, alias) of a ``models:/<name>@<alias>`` URI, else None."""
+    m = _ALIAS.match(model)
+    return (m["name"], m["alias"]) if m else None
+
+
+def registry_version(model: str, tracking_uri: str | None = None) -> str | None:
+    """The registered version ``model`` names now: the alias's target for ``models:/<name>@<alias>``,
+    the number for ``models:/<name>/<n>``, None for a directory or a run's model."""
+    m = _VERSION.match(model)
+    if m:
+        return m["version"]
+    named = alias_of(model)
+    if named is None:
+        return None
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    return str(client.get_model_version_by_alias(*named).version)
+
+
+def pinned(model: str, version: str | None) -> str:
+    """``models:/<name>/<version>`` for an alias URI and its resolved version (so a download made
+    now and one made later fetch the same files), else ``model`` unchanged."""
+    named = alias_of(model)
+    return f"models:/{named[0]}/{version}" if named and version else model

@@ -25,19 +25,25 @@ def run_server(model: str, cfg: RunConfig | None = None, host: str | None = None
     ``mlflow.enabled: false`` serves artifact directories only."""
     from ray import serve
 
-    from mtl.registry import local_artifact
     from pipelines.ray_utils import init_ray
-    from serve.app import APP_NAME, build_app, default_tracking_uri, http_options, serve_spec
+    from serve.app import (
+        APP_NAME,
+        build_app,
+        default_tracking_uri,
+        http_options,
+        resolve_model,
+        serve_spec,
+    )
 
     if cfg is not None and not cfg.mlflow.enabled and is_mlflow_uri(model):
         raise ConfigError(f"mlflow.enabled: false, but the model {model!r} is an MLflow reference; "
                           "serve an artifact directory or enable MLflow")
     spec = serve_spec(cfg, host, port, quantize)
     tracking_uri = tracking_uri or default_tracking_uri(cfg)
-    model_dir = local_artifact(model, tracking_uri)
+    model_dir, version = resolve_model(model, tracking_uri)
     ray = init_ray()
     serve.start(http_options=http_options(spec))
-    serve.run(build_app(str(model_dir), spec, model_name=model, tracking_uri=tracking_uri),
+    serve.run(build_app(str(model_dir), spec, model_name=model, tracking_uri=tracking_uri, version=version),
               name=APP_NAME, route_prefix="/")
     url = f"http://{spec.host}:{spec.port}"
     print(f"mtl-ray: serving {model} at {url}  (POST {url}/v1/predict, GET {url}/v1/tasks, "

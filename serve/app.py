@@ -26,7 +26,12 @@ How a request is served:
   ``max_ongoing_requests`` caps what one replica accepts (keep it at or above the expected
   concurrency, or throughput collapses).
 - Limits (``max_texts``, ``max_chars``, ``max_body_bytes``) and errors are answered with a 4xx and
-  a JSON ``{"detail": ...}``; the replica keeps serving.
+  a JSON ``{"detail": ...}``; the replica keeps serving. Texts the tokenizer cannot take (lone
+  surrogates, nothing visible) are a 422 at the door (``serve/schema.py``).
+- One bad request never fails another: when a batched pass fails, the predictor bisects it so
+  only the failing texts' requests get an error (422 naming ``texts[i]`` when the text is at
+  fault, 500 when the model fails on a probe text too), logged once with the request id and
+  without the text; every other request in the batch gets its normal answer.
 - When the variable named by ``token_env`` (default ``MTL_RAY_TOKEN``) is set in the replica's
   environment, ``/v1/*`` needs ``Authorization: Bearer <token>``; ``/healthz`` and ``/docs`` stay
   open. A local Ray started by ``mtl-ray serve`` inherits the shell's environment; on a cluster,
@@ -53,6 +58,8 @@ import hmac
 import json
 import logging
 import os
+import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,11 +102,39 @@ class PredictItem:
     top_k: int = 1
 
 
-def run_batch(predictor, items: list[PredictItem], max_texts_per_pass: int) -> list[list[dict[str, Any]]]:
+@dataclass(frozen=True)
+class ItemFailure:
+    """A request of a batch that gets no answer: the HTTP ``status`` and a ``message`` naming the
+    text index within that request (never the text)."""
+
+    status: int
+    message: str
+
+
+def run_batch(predictor, items: list[PredictItem], max_texts_per_pass: int
+              ) -> list[list[dict[str, Any]] | ItemFailure]:
     """Answer every item of a batch with one encoder pass per ``top_k`` value (and per
     ``max_texts_per_pass`` texts), running the heads of the union of the items' tasks and giving
-    each item only the tasks it asked for."""
-    results: list[list[dict[str, Any]] | None] = [None] * len(items)
+    each item only the tasks it asked for.
+
+    A bad text fails only its own request: the predictor isolates failing rows (bisecting the
+    pass) and the request holding one gets an :class:`ItemFailure` (422 naming ``texts[i]`` when
+    the text is at fault, 500 when the model is); the other requests get their answers. Should the
+    batch fail outside the predictor, each request is retried alone."""
+    try:
+        return _run_batch(predictor, items, max_texts_per_pass)
+    except Exception:
+        if len(items) == 1:
+            logger.exception("mtl-ray: a batch of one request failed")
+            return [ItemFailure(500, "internal error: the model failed on this request")]
+        return [r for item in items for r in run_batch(predictor, [item], max_texts_per_pass)]
+
+
+def _run_batch(predictor, items: list[PredictItem], max_texts_per_pass: int
+               ) -> list[list[dict[str, Any]] | ItemFailure]:
+    from mtl.predictor import RowError
+
+    results: list[list[dict[str, Any]] | ItemFailure | None] = [None] * len(items)
     groups: dict[int, list[int]] = {}
     for i, item in enumerate(items):
         groups.setdefault(item.top_k, []).append(i)
@@ -108,15 +143,35 @@ def run_batch(predictor, items: list[PredictItem], max_texts_per_pass: int) -> l
         wanted = {t for i in members for t in items[i].tasks}
         tasks = [t for t in order if t in wanted]
         texts = [text for i in members for text in items[i].texts]
-        answers: list[dict[str, Any]] = []
+        answers: list[Any] = []
         for start in range(0, len(texts), max_texts_per_pass):
-            answers.extend(predictor.predict(texts[start:start + max_texts_per_pass], tasks, top_k))
+            answers.extend(predictor.predict(texts[start:start + max_texts_per_pass], tasks, top_k, errors="return"))
         pos = 0
         for i in members:
-            n = len(items[i].texts)
-            results[i] = [{t: answer[t] for t in items[i].tasks} for answer in answers[pos:pos + n]]
-            pos += n
+            mine = answers[pos:pos + len(items[i].texts)]
+            pos += len(items[i].texts)
+            bad = [(j, a) for j, a in enumerate(mine) if isinstance(a, RowError)]
+            if bad:
+                status = 422 if all(a.input_fault for _, a in bad) else 500
+                results[i] = ItemFailure(status, "; ".join(f"texts[{j}] {a.reason}" for j, a in bad[:10]))
+            else:
+                results[i] = [{t: answer[t] for t in items[i].tasks} for answer in mine]
     return results  # type: ignore[return-value]
+
+
+def answer_or_raise(answer: list[dict[str, Any]] | ItemFailure) -> list[dict[str, Any]]:
+    """A request's answers from its batch, or :class:`RequestError` with its failure's status."""
+    if isinstance(answer, ItemFailure):
+        raise RequestError(answer.status, answer.message)
+    return answer
+
+
+def request_id() -> str:
+    """Serve's id of the request being handled (also sent back as ``x-request-id``), or ""."""
+    try:
+        return serve.context._get_serve_request_context().request_id
+    except Exception:  # noqa: BLE001 - outside a replica (tests of the HTTP layer)
+        return ""
 
 
 # ---------------------------------------------------------------- HTTP layer (pure ASGI / FastAPI)
@@ -197,13 +252,19 @@ class GuardMiddleware:
         await self.app(scope, replay, send)
 
 
-ERRORS = {s: {"model": ErrorResponse} for s in (400, 401, 413, 422)}
+ERRORS = {s: {"model": ErrorResponse} for s in (400, 401, 413, 422, 500)}
 
 
 def make_api(service, spec: ServeSpec, token: str | None = None) -> FastAPI:
-    """The FastAPI app around ``service`` (``model_name``, ``task_names``, ``describe()`` and
-    ``async predict(texts, tasks, top_k)``), with ``spec``'s limits and an optional token."""
-    api = FastAPI(
+    """The FastAPI app around ``service`` (``model_name``, ``model_version``, ``task_names``,
+    ``describe()`` and ``async predict(texts, tasks, top_k) -> (predictions, version)``), with
+    ``spec``'s limits and an optional token."""
+    from fastapi_offline import FastAPIOffline
+
+    # Swagger UI's scripts and styles come from the app (FastAPI's default loads them from a public
+    # CDN, so /docs rendered blank on an air-gapped host); ReDoc is left out.
+    api = FastAPIOffline(
+        redoc_url=None, static_url="/docs-assets",
         title="mtl-ray", version="1",
         description="One shared encoder, several task heads. `POST /v1/predict` answers the tasks "
                     "asked for (all by default) for every text in one encoder pass. When the server "
@@ -226,13 +287,13 @@ def make_api(service, spec: ServeSpec, token: str | None = None) -> FastAPI:
 
     @api.get("/v1/tasks", response_model=TasksResponse, responses=ERRORS)
     async def tasks() -> TasksResponse:
-        return TasksResponse(model=service.model_name, tasks=service.describe())
+        return TasksResponse(model=service.model_name, version=service.model_version, tasks=service.describe())
 
     @api.post("/v1/predict", response_model=PredictResponse, responses=ERRORS)
     async def predict(req: PredictRequest) -> PredictResponse:
         names = check_request(req, service.task_names, spec.max_texts, spec.max_chars)
-        predictions = await service.predict(req.texts, names, req.top_k)
-        return PredictResponse(predictions=predictions, model=service.model_name)
+        predictions, version = await service.predict(req.texts, names, req.top_k)
+        return PredictResponse(predictions=predictions, model=service.model_name, version=version)
 
     return api
 
@@ -266,28 +327,87 @@ def _replica_device() -> str | None:
     return None if ray.get_gpu_ids() else "cpu"
 
 
+@dataclass(frozen=True)
+class Served:
+    """The model a replica answers with, and its registry version (None for a directory)."""
+
+    predictor: Any
+    version: str | None
+
+
 @serve.deployment(name=DEPLOYMENT_NAME, logging_config={"enable_access_log": False})
 @serve.ingress()
 class MultiTaskPredictor:
-    """One replica: the model loaded once, requests batched, the HTTP app built from the spec."""
+    """One replica: the model loaded once, requests batched, the HTTP app built from the spec; for a
+    ``models:/<name>@<alias>`` model, a watcher thread loads the alias's new version when it moves."""
 
-    def __init__(self, model: str, model_dir: str, spec: dict[str, Any], tracking_uri: str | None = None):
-        from mtl.predictor import Predictor
+    def __init__(self, model: str, model_dir: str, spec: dict[str, Any], tracking_uri: str | None = None,
+                 version: str | None = None):
+        from mtl.registry import alias_of, pinned
 
         self.spec = ServeSpec.model_validate(spec)
         self.model_name = model
-        path = _replica_model_dir(model, model_dir, tracking_uri)
-        started = time.perf_counter()
-        self.predictor = Predictor.load(path, device=_replica_device(), quantize=self.spec.quantize)
-        self.task_names = self.predictor.task_names
+        self.tracking_uri = tracking_uri
+        path = _replica_model_dir(pinned(model, version), model_dir, tracking_uri)
+        self.served = Served(self._load(path), version)
         self.max_texts_per_pass = max(self.spec.max_batch_size, self.spec.max_texts)
         self._batched.set_max_batch_size(self.spec.max_batch_size)
         self._batched.set_batch_wait_timeout_s(self.spec.batch_wait_timeout_s)
         self.token = os.environ.get(self.spec.token_env) or None
-        self.counts = {"requests": 0, "texts": 0, "batches": 0, "max_batch": 0}
-        logger.info("mtl-ray replica: %s from %s on %s%s in %.1f s; tasks %s; token %s", model, path,
-                    self.predictor.device, " (int8)" if self.spec.quantize else "",
-                    time.perf_counter() - started, self.task_names, "on" if self.token else "off")
+        self.counts = {"requests": 0, "texts": 0, "batches": 0, "max_batch": 0, "failed": 0, "reloads": 0}
+        self._stop = threading.Event()
+        if alias_of(model) and self.spec.follow_alias_s:
+            threading.Thread(target=self._follow_alias, name="mtl-ray-alias", daemon=True).start()
+        logger.info("mtl-ray replica: %s (version %s) from %s on %s%s; tasks %s; token %s", model, version, path,
+                    self.predictor.device, " (int8)" if self.spec.quantize else "", self.task_names,
+                    "on" if self.token else "off")
+
+    def _load(self, path: Path):
+        from mtl.predictor import Predictor
+
+        return Predictor.load(path, device=_replica_device(), quantize=self.spec.quantize)
+
+    def _follow_alias(self) -> None:
+        """Every ``follow_alias_s``: where the alias points; a new version is downloaded and loaded
+        beside the served one, then swapped in between two batches (a batch already running finishes
+        on the model it started with). A registry that cannot be reached keeps the served model."""
+        from mtl.registry import local_artifact, pinned, registry_version
+
+        failing = False
+        while not self._stop.wait(self.spec.follow_alias_s):
+            try:
+                version = registry_version(self.model_name, self.tracking_uri)
+                if version == self.served.version:
+                    failing = False
+                    continue
+                started = time.perf_counter()
+                path = local_artifact(pinned(self.model_name, version), self.tracking_uri,
+                                      dst=tempfile.mkdtemp(prefix=f"mtl-ray-v{version}-"))
+                old, self.served = self.served, Served(self._load(path), version)
+                self.counts["reloads"] += 1
+                failing = False
+                logger.info("mtl-ray replica: %s moved from version %s to %s; loaded in %.1f s", self.model_name,
+                            old.version, version, time.perf_counter() - started)
+            except Exception as exc:  # noqa: BLE001 - keep serving the loaded model
+                if not failing:
+                    logger.warning("mtl-ray replica: cannot follow %s (%s: %s); serving version %s",
+                                   self.model_name, type(exc).__name__, exc, self.served.version)
+                failing = True
+
+    def __del__(self):
+        self._stop.set()
+
+    @property
+    def predictor(self):
+        return self.served.predictor
+
+    @property
+    def model_version(self) -> str | None:
+        return self.served.version
+
+    @property
+    def task_names(self) -> list[str]:
+        return self.served.predictor.task_names
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return make_api(self, self.spec, self.token)
@@ -295,8 +415,16 @@ class MultiTaskPredictor:
     def describe(self) -> list[dict[str, Any]]:
         return self.predictor.describe()
 
-    async def predict(self, texts: list[str], tasks: list[str], top_k: int) -> list[dict[str, Any]]:
-        return await self._batched(PredictItem(list(texts), list(tasks), top_k))
+    async def predict(self, texts: list[str], tasks: list[str], top_k: int) -> tuple[list[dict[str, Any]], str | None]:
+        """The answers for one request, from a shared batch, and the model version that gave them;
+        :class:`RequestError` (4xx/500) when this request's texts could not be answered, logged once
+        with the request id, no text."""
+        answer, version = await self._batched(PredictItem(list(texts), list(tasks), top_k))
+        if isinstance(answer, ItemFailure):
+            self.counts["failed"] += 1
+            logger.warning("mtl-ray: request %s refused with %d: %s", request_id() or "-", answer.status,
+                           answer.message)
+        return answer_or_raise(answer), version
 
     def stats(self) -> dict[str, Any]:
         """This replica's counters (through a deployment handle: ``handle.stats.remote()``)."""
@@ -304,18 +432,20 @@ class MultiTaskPredictor:
 
         c = self.counts
         return {**c, "replica": serve.get_replica_context().replica_tag, "torch_threads": torch.get_num_threads(),
-                "mean_batch": c["requests"] / c["batches"] if c["batches"] else 0.0,
+                "mean_batch": c["requests"] / c["batches"] if c["batches"] else 0.0, "version": self.model_version,
                 "device": str(self.predictor.device), "quantized": self.spec.quantize}
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
-    async def _batched(self, items: list[PredictItem]) -> list[list[dict[str, Any]]]:
+    async def _batched(self, items: list[PredictItem]) -> list[tuple[list[dict[str, Any]] | ItemFailure, str | None]]:
         c = self.counts
         c["batches"] += 1
         c["requests"] += len(items)
         c["texts"] += sum(len(i.texts) for i in items)
         c["max_batch"] = max(c["max_batch"], len(items))
+        served = self.served  # one model for the whole batch, even if the alias moves meanwhile
         # the forward pass runs in a thread so the replica keeps accepting requests meanwhile
-        return await asyncio.to_thread(run_batch, self.predictor, items, self.max_texts_per_pass)
+        answers = await asyncio.to_thread(run_batch, served.predictor, items, self.max_texts_per_pass)
+        return [(a, served.version) for a in answers]
 
 
 # What a replica needs in its environment when a caller sets any variables (the caller's win):
@@ -358,15 +488,24 @@ def deployment_options(spec: ServeSpec, env: dict[str, str] | None = None) -> di
 
 
 def build_app(model_dir: str, spec: ServeSpec, *, model_name: str | None = None,
-              tracking_uri: str | None = None, env: dict[str, str] | None = None):
+              tracking_uri: str | None = None, env: dict[str, str] | None = None, version: str | None = None):
     """The bound Serve application for an artifact directory (``env``: extra environment variables
-    for the replicas, e.g. the token variable)."""
+    for the replicas, e.g. the token variable; ``version``: the registry version it holds)."""
     from mtl.model import read_manifest
 
     if Path(model_dir).exists():
         read_manifest(model_dir)  # fail here, in the driver, on a directory that is no artifact
     return MultiTaskPredictor.options(**deployment_options(spec, env)).bind(
-        model_name or str(model_dir), str(model_dir), spec.model_dump(mode="json"), tracking_uri)
+        model_name or str(model_dir), str(model_dir), spec.model_dump(mode="json"), tracking_uri, version)
+
+
+def resolve_model(model: str, tracking_uri: str | None) -> tuple[Path, str | None]:
+    """(local artifact directory, registry version) for what the user typed; an alias is resolved
+    once, so the files and the version named in answers agree."""
+    from mtl.registry import local_artifact, pinned, registry_version
+
+    version = registry_version(model, tracking_uri)
+    return local_artifact(pinned(model, version), tracking_uri), version
 
 
 def default_tracking_uri(cfg: RunConfig | None) -> str:
@@ -403,11 +542,9 @@ def app_builder(args: dict[str, Any]):
     (``serve run serve.app:app_builder model=runs/quick/model max_batch_size=16``).
     host and port are the Serve config's ``http_options``, not these.
     """
-    from mtl.registry import local_artifact
-
     model, tracking_uri, spec = builder_settings(args)
-    model_dir = local_artifact(model, tracking_uri)
-    return build_app(str(model_dir), spec, model_name=model, tracking_uri=tracking_uri)
+    model_dir, version = resolve_model(model, tracking_uri)
+    return build_app(str(model_dir), spec, model_name=model, tracking_uri=tracking_uri, version=version)
 
 
 def serve_spec(cfg: RunConfig | None, host: str | None = None, port: int | None = None,

@@ -14,8 +14,16 @@ is the task kind's (a new kind needs no change here):
 - token classification: ``{"entities": [{type, text, start, end, score}], "tags": [one per word]}``
   where ``text[start:end]`` of the request's text is the entity's text.
 
-Texts longer than the model's ``max_length`` tokens are truncated (see ``mtl/predictor.py``):
-sentence tasks see the first ``max_length`` tokens and later words get no tags.
+Each task reads a text up to its own ``max_length`` tokens, as training and evaluation do (see
+``mtl/predictor.py``): sentence tasks see the first ``max_length`` tokens and later words get no tags.
+
+What texts are taken (``mtl.encoding.text_problem``, the same check the predictor and the file
+readers run): a text that is not valid Unicode (a lone surrogate such as ``"\ud800"``, which JSON
+can carry) or that has no visible character (empty, whitespace, control or format characters
+only: NUL, BOM, zero-width spaces, bidi overrides) is a 422 naming ``texts[i]``. Control and
+format characters beside visible text are accepted and ignored by the tokenizer; a word the
+tokenizer drops entirely gets the tag ``O``; entity ``start``/``end`` always index the text as
+sent.
 """
 
 from __future__ import annotations
@@ -23,6 +31,8 @@ from __future__ import annotations
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator
+
+from mtl.encoding import text_problem
 
 MAX_TOP_K = 100
 
@@ -34,6 +44,9 @@ class RequestError(Exception):
         super().__init__(message)
         self.status = status
         self.message = message
+
+    def __reduce__(self):  # picklable, so a deployment handle's caller gets it back as is
+        return RequestError, (self.status, self.message)
 
 
 class PredictRequest(BaseModel):
@@ -57,6 +70,9 @@ class PredictRequest(BaseModel):
         blank = [i for i, t in enumerate(texts) if not t.strip()]
         if blank:
             raise ValueError(f"texts {blank} are empty or blank; every text needs a non-space character")
+        problems = [f"texts[{i}] {p}" for i, p in ((i, text_problem(t)) for i, t in enumerate(texts)) if p]
+        if problems:
+            raise ValueError("; ".join(problems[:10]) + (f"; and {len(problems) - 10} more" if len(problems) > 10 else ""))
         return texts
 
     @field_validator("tasks")
@@ -70,6 +86,8 @@ class PredictResponse(BaseModel):
 
     predictions: list[dict[str, dict[str, Any]]]
     model: str
+    version: str | None = Field(None, description="The registered model version that answered "
+                                                   "(None when serving a directory).")
 
 
 class TaskInfoOut(BaseModel):
@@ -80,6 +98,7 @@ class TaskInfoOut(BaseModel):
 
 class TasksResponse(BaseModel):
     model: str
+    version: str | None = None
     tasks: list[TaskInfoOut]
 
 

@@ -80,3 +80,34 @@ def tiny_artifact(tmp_path_factory, tiny_encoder, quick_data) -> Path:
     path = tmp_path_factory.mktemp("artifact") / "model"
     model.save(path, AutoTokenizer.from_pretrained(str(tiny_encoder)))
     return path
+
+
+class PoisonedModel:
+    """Wraps a MultiTaskModel; its forward raises when the marked token id is in the batch, like a
+    head or tokenizer edge case that breaks a whole pass. ``calls`` counts forward passes."""
+
+    def __init__(self, model, poison_id: int, exc: type[Exception] = IndexError):
+        self.inner, self.poison_id, self.exc, self.calls = model, poison_id, exc, 0
+        self.tasks, self.kinds = model.tasks, model.kinds
+
+    def parameters(self):
+        return self.inner.parameters()
+
+    def to(self, device):
+        self.inner.to(device)
+        return self
+
+    def eval(self):
+        self.inner.eval()
+        return self
+
+    def __call__(self, ids, mask, names):
+        self.calls += 1
+        if (ids == self.poison_id).any():
+            raise self.exc("boom")
+        return self.inner(ids, mask, names)
+
+
+@pytest.fixture(scope="session")
+def poisoned_model():
+    return PoisonedModel

@@ -88,15 +88,25 @@ class TokenClassification(TaskKind):
                 for k, d in rep.items()}
 
     def word_tags(self, logits: torch.Tensor, word_ids: list[int | None]) -> tuple[list[str], list[float]]:
-        """Tag and probability of each word, read at its first subword ([T, n] logits)."""
+        """Tag and probability of each word, read at its first subword ([T, n] logits).
+
+        One tag per word up to the last word that has a token: a word the tokenizer drops entirely
+        (a zero-width space, a control character, a lone combining mark) is "O" with probability
+        1, so tags stay aligned with words. Words past the truncation cut get no tag."""
         probs = torch.softmax(logits.float(), -1)
-        tags, scores, previous = [], [], None
+        first: dict[int, int] = {}
         for pos, wid in enumerate(word_ids):
-            if wid is not None and wid != previous:
-                p, i = probs[pos].max(-1)
+            if wid is not None and wid not in first:
+                first[wid] = pos
+        tags, scores = [], []
+        for wid in range(max(first) + 1 if first else 0):
+            if wid in first:
+                p, i = probs[first[wid]].max(-1)
                 tags.append(self.labels[int(i)])
                 scores.append(float(p))
-            previous = wid
+            else:
+                tags.append("O")
+                scores.append(1.0)
         return tags, scores
 
     def decode(self, logits, words, spans, word_ids, text, top_k) -> dict[str, Any]:

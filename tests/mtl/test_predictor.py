@@ -122,3 +122,143 @@ def test_load_from_artifact(tiny_artifact, quick_data):
     q = Predictor.load(tiny_artifact, device="cpu", quantize=True)
     [o] = q.predict(["show me flights"], tasks=["slots"])
     assert len(o["slots"]["tags"]) == 3
+
+
+def test_words_without_subwords_keep_tags_aligned(predictor):
+    """A word the tokenizer drops entirely (zero-width space, a control character, a lone combining
+    mark) still gets its tag ("O"), so tags stay one per word and entity spans point at the right
+    words. Before the fix such a word had no tag and every later tag shifted one word left."""
+    text = "fly \u200b to \x01 boston \u0301 tomorrow"
+    [o] = predictor.predict([text], tasks=["slots"])
+    words = text.split()
+    assert len(o["slots"]["tags"]) == len(words) == 7
+    assert [o["slots"]["tags"][i] for i in (1, 3, 5)] == ["O", "O", "O"]
+    [alone] = predictor.predict(["fly to boston tomorrow"], tasks=["slots"])
+    assert [o["slots"]["tags"][i] for i in (0, 2, 4, 6)] == alone["slots"]["tags"]
+    for ent in o["slots"]["entities"]:
+        assert text[ent["start"]:ent["end"]] == ent["text"]
+        assert not {"\u200b", "\x01", "\u0301"} & set(ent["text"])
+
+
+def test_invalid_text_is_refused_naming_its_index_and_neighbours_are_answered(predictor):
+    from mtl.predictor import PredictionError, RowError
+
+    texts = ["fly to boston", "bad \ud800 text", "\u200b\ufeff", "a fine film"]
+    with pytest.raises(PredictionError) as err:
+        predictor.predict(texts, tasks=["intent"])
+    msg = str(err.value)
+    assert "texts[1]" in msg and "lone surrogate U+D800" in msg and "texts[2]" in msg
+    assert "\ud800" not in msg and "bad" not in msg  # the text itself is never echoed
+    assert [e.index for e in err.value.errors] == [1, 2] and all(e.input_fault for e in err.value.errors)
+    # the good rows were answered anyway, the same as alone
+    assert err.value.answers[0] == predictor.predict(["fly to boston"], tasks=["intent"])[0]
+    assert err.value.answers[3] == predictor.predict(["a fine film"], tasks=["intent"])[0]
+    out = predictor.predict(texts, tasks=["intent"], errors="return")
+    assert isinstance(out[1], RowError) and isinstance(out[2], RowError)
+    assert out[0] == err.value.answers[0] and out[3] == err.value.answers[3]
+
+
+def test_a_failing_row_is_split_out_of_the_batch(tiny_encoder, poisoned_model):
+    """The pass over all rows fails because of one row: the batch is bisected, only that row gets
+    an error (an input fault: the model answers a probe text), every other row its normal answer."""
+    tok = AutoTokenizer.from_pretrained(str(tiny_encoder))
+    model = MultiTaskModel.from_encoder(tiny_encoder, TASKS, seed=1)
+    clean = Predictor(model, tok, device="cpu", length_buckets=False)
+    poison = tok.convert_tokens_to_ids("denver")
+    p = Predictor(poisoned_model(model, poison), tok, device="cpu", length_buckets=False)
+    texts = [f"flight number {i} to boston" for i in range(7)]
+    texts.insert(5, "fly to denver")
+    out = p.predict(texts, errors="return")
+    from mtl.predictor import RowError
+
+    assert [i for i, o in enumerate(out) if isinstance(o, RowError)] == [5]
+    assert out[5].input_fault and "texts[5]" in str(out[5]) and "IndexError" in str(out[5])
+    want = clean.predict([t for i, t in enumerate(texts) if i != 5])
+    assert [o for i, o in enumerate(out) if i != 5] == want
+    # 8 rows, one bad: 1 full pass + bisection (2 + 2 + 2 halves) + 1 probe = 8 passes, not one per row
+    assert p.model.calls == 8
+
+
+def test_a_broken_model_is_a_server_fault_not_the_inputs(tiny_encoder, poisoned_model):
+    tok = AutoTokenizer.from_pretrained(str(tiny_encoder))
+    model = MultiTaskModel.from_encoder(tiny_encoder, TASKS, seed=1)
+    p = Predictor(poisoned_model(model, tok.cls_token_id, RuntimeError), tok, device="cpu")
+    out = p.predict(["fly to boston", "a fine film"], errors="return")
+    assert [o.input_fault for o in out] == [False, False]
+    assert "server" in str(out[0])
+
+
+def test_pyfunc_answers_good_rows_beside_a_bad_one(tiny_artifact):
+    """The MLflow pyfunc's predict: a bad row gets an ``error`` and no answers; its neighbours get
+    the predictor's answers (the registered-model round trip is tests/pipelines/test_run_job.py)."""
+    import json
+
+    import pandas as pd
+
+    from mtl.pyfunc_model import MultiTaskPyfunc
+
+    model = MultiTaskPyfunc()
+    model.predictor = Predictor.load(tiny_artifact, device="cpu")
+    texts = ["fly to boston", "\u200b\ufeff", "a dull film"]
+    out = model.predict(None, pd.DataFrame({"text": texts}), params={"tasks": "intent,topic"})
+    assert list(out.columns) == ["intent", "topic", "error"]
+    assert out["error"].isna().tolist() == [True, False, True] and out["intent"].isna().tolist() == [False, True, False]
+    assert out["error"][1].startswith("texts[1] has no visible character")
+    # a list input can carry what a pandas string column cannot: a lone surrogate
+    listed = model.predict(None, ["fly to boston", "bad \ud800"], params={"tasks": ["intent"]})
+    assert listed["error"].isna().tolist() == [True, False]
+    assert listed["error"][1].startswith("texts[1] contains a lone surrogate")
+    for i in (0, 2):
+        [want] = model.predictor.predict([texts[i]], ["intent", "topic"])
+        for t in ("intent", "topic"):  # padded beside another text: last float digits may move
+            got = json.loads(out[t][i])
+            assert got["label"] == want[t]["label"] and got["score"] == pytest.approx(want[t]["score"], abs=1e-5)
+
+
+def test_each_task_reads_up_to_its_own_max_length(tiny_encoder):
+    """A sentence task with max_length 8 beside a token task with 24: the short task's answer for a
+    long text is the model's answer on the text cut at 8 tokens, as training and evaluation cut
+    it (before, every task read up to the longest task's length). Texts within 8 tokens need no
+    second pass."""
+    from mtl.evaluation import evaluate_rows
+
+    tasks = [TaskInfo("short", "sequence_classification", ["a", "b", "c"], 8),
+             TaskInfo("slots", "token_classification", ["O", "B-X", "I-X"], 24)]
+    model = MultiTaskModel.from_encoder(tiny_encoder, tasks, seed=3)
+    tok = AutoTokenizer.from_pretrained(str(tiny_encoder))
+    p = Predictor(model, tok, device="cpu")
+    long_text = "show me the cheapest flights from boston to denver on monday morning please"
+    [o] = p.predict([long_text])
+    enc = tokenize_words(tok, [long_text.split()], 8, padding="longest")
+    with torch.inference_mode():
+        logits = model(torch.as_tensor(enc["input_ids"]), torch.as_tensor(enc["attention_mask"]), ["short"])["short"][0]
+    probs = torch.softmax(logits, -1)
+    assert o["short"]["label"] == "abc"[int(probs.argmax())]
+    assert o["short"]["score"] == pytest.approx(float(probs.max()), abs=1e-6)
+    assert len(o["slots"]["tags"]) == len(long_text.split())  # the token task still reads 24 tokens
+    [short_only] = Predictor(model, tok, device="cpu").predict([long_text], ["short"])
+    assert short_only["short"] == o["short"]
+    preds, _ = evaluate_rows(model, tok, model.kinds["short"], "short", [{"text": long_text, "label": "a"}],
+                             8, 4, torch.device("cpu"))
+    assert preds == [model.kinds["short"].index[o["short"]["label"]]]
+
+
+def test_served_answers_give_the_metrics_evaluate_reports(tiny_artifact, quick_data):
+    """The test sets through Predictor.predict (what Serve runs) give, per task, the same metrics
+    as mtl.evaluation.test_report (what `mtl-ray evaluate` and training report)."""
+    from mtl.evaluation import test_report
+
+    _, data = quick_data
+    p = Predictor.load(tiny_artifact, device="cpu")
+    rows = {t: d.splits["test"][:80] for t, d in data.items()}
+    report = test_report(p.model, p.tokenizer, rows, batch_size=32)
+    for task, task_rows in rows.items():
+        kind = p.model.kinds[task]
+        answers = p.predict([r["text"] for r in task_rows], [task])
+        if kind.name == "token_classification":
+            preds = [a[task]["tags"] for a in answers]
+            refs = [r["label"][:len(pr)] for r, pr in zip(task_rows, preds)]  # words past the cut: no tag
+        else:  # label indices, as the evaluation gathers them
+            preds = [kind.index[a[task]["label"]] for a in answers]
+            refs = [kind.index[r["label"]] for r in task_rows]
+        assert kind.metrics(preds, refs) == pytest.approx(report[task]["metrics"], abs=1e-9), task

@@ -234,3 +234,19 @@ def test_stratified_split_shares_seed_and_partition():
 def test_dedup_keeps_first():
     rows = [{"text": "x", "label": 1}, {"text": "y", "label": 2}, {"text": "x", "label": 3}]
     assert dedup(rows) == ([{"text": "x", "label": 1}, {"text": "y", "label": 2}], 1)
+
+
+@pytest.mark.parametrize("bad,needle", [
+    ("broken \ud83d half of an emoji", "row 3: the text contains a lone surrogate U+D83D"),
+    ("\u200b\u200b", "row 3: the text has no visible character"),
+])
+def test_a_text_the_model_cannot_take_is_an_error_naming_the_row(tmp_path, bad, needle):
+    """JSON escapes can carry a lone surrogate, which would crash tokenization mid-run; a row with
+    nothing visible would train on an empty input. Both are refused when the file is read."""
+    path = tmp_path / "rows.jsonl"
+    lines = [{"text": f"fine text {i}", "label": "a" if i % 2 else "b"} for i in range(6)]
+    lines[2]["text"] = bad
+    path.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    with pytest.raises(DataError) as err:
+        read_task(task("sequence_classification", type="jsonl", path=str(path)), DATA, seed=1)
+    assert needle in str(err.value) and "rows.jsonl" in str(err.value) and "source" in str(err.value)

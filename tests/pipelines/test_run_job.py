@@ -170,7 +170,8 @@ def test_registered_model_loads_as_pyfunc_with_predictor_answers(tmp_path, tiny_
     texts = ["show me flights from boston to denver", "a   dull,  lifeless film", "Shares fell 3% today."]
     out = loaded.predict(pd.DataFrame({"text": texts}))
     expected = Predictor.load(tiny_artifact).predict(texts)
-    assert list(out.columns) == ["intent", "slots", "sentiment", "topic"]
+    assert list(out.columns) == ["intent", "slots", "sentiment", "topic", "error"]
+    assert out["error"].isna().all()
     for i, row in enumerate(expected):
         for task, answer in row.items():
             assert json.loads(out.iloc[i][task]) == answer

@@ -7,9 +7,11 @@ import json
 
 import pytest
 from fastapi.testclient import TestClient
+from hostile import HOSTILE, HOSTILE_SPEC, REFUSED, check_hostile_answer, docs_assets
 
 from mtl.config import ServeSpec
-from serve.app import PredictItem, make_api, run_batch
+from serve.app import PredictItem, answer_or_raise, make_api, run_batch
+from serve.schema import RequestError
 
 TOKEN = "s3cret-token"
 SPEC = ServeSpec(max_texts=4, max_chars=100, max_body_bytes=2048)
@@ -19,6 +21,7 @@ class LocalService:
     """What the replica offers make_api, without Serve's batching."""
 
     model_name = "tiny"
+    model_version = None
 
     def __init__(self, predictor):
         self.predictor = predictor
@@ -28,7 +31,7 @@ class LocalService:
         return self.predictor.describe()
 
     async def predict(self, texts, tasks, top_k):
-        return run_batch(self.predictor, [PredictItem(texts, tasks, top_k)], 64)[0]
+        return answer_or_raise(run_batch(self.predictor, [PredictItem(texts, tasks, top_k)], 64)[0]), None
 
 
 @pytest.fixture(scope="module")
@@ -159,3 +162,75 @@ def test_app_builder_binds_without_ray(tiny_artifact):
     assert isinstance(app_builder({"model": str(tiny_artifact), "max_replicas": 1}), Application)
     with pytest.raises(FileNotFoundError):
         app_builder({"model": str(tiny_artifact / "nope")})
+
+
+def test_a_bad_text_fails_only_its_own_request_in_a_batch(tiny_artifact, predictor, poisoned_model):
+    """One request's text breaks the batched pass: only that request fails (422 naming its own
+    text index); every other request of the batch gets the answer it gets alone."""
+    from mtl.predictor import Predictor
+    from serve.app import ItemFailure
+
+    p = Predictor.load(tiny_artifact, device="cpu")
+    p.model = poisoned_model(p.model, p.tokenizer.convert_tokens_to_ids("denver"))
+    items = [
+        PredictItem(["fly from boston to dallas", "cheap flights"], ["slots"], 1),
+        PredictItem(["what a dull film", "to denver please", "hello"], ["sentiment", "intent"], 1),
+        PredictItem(["stocks fell sharply today"], ["topic"], 3),
+        PredictItem(["a fine day"], ["intent"], 1),
+    ]
+    got = run_batch(p, items, 64)
+    assert isinstance(got[1], ItemFailure) and got[1].status == 422
+    assert got[1].message.startswith("texts[1] ") and "IndexError" in got[1].message and "denver" not in got[1].message
+    for i in (0, 2, 3):
+        alone = predictor.predict(items[i].texts, items[i].tasks, items[i].top_k)
+        assert _close(got[i], alone), (got[i], alone)
+    with pytest.raises(RequestError) as err:
+        answer_or_raise(got[1])
+    assert err.value.status == 422
+
+
+class _FlakyPredictor:
+    """Pure logic: the union pass fails whenever two requests' texts share it; ``broken`` fails all."""
+
+    task_names = ["intent"]
+
+    def __init__(self, broken: bool = False):
+        self.broken = broken
+
+    def predict(self, texts, tasks, top_k, errors="raise"):
+        if self.broken or len(texts) > 1:
+            raise RuntimeError("device lost")
+        return [{"intent": {"label": texts[0]}}]
+
+
+def test_a_batch_that_fails_outside_the_predictor_is_retried_per_request():
+    from serve.app import ItemFailure
+
+    items = [PredictItem(["a"], ["intent"], 1), PredictItem(["b"], ["intent"], 1)]
+    assert run_batch(_FlakyPredictor(), items, 64) == [[{"intent": {"label": "a"}}], [{"intent": {"label": "b"}}]]
+    assert run_batch(_FlakyPredictor(broken=True), items, 64) == [
+        ItemFailure(500, "internal error: the model failed on this request")] * 2
+
+
+@pytest.mark.parametrize("name", list(HOSTILE))
+def test_hostile_texts_get_an_answer_or_a_4xx(predictor, name):
+    text = HOSTILE[name]
+    with TestClient(make_api(LocalService(predictor), HOSTILE_SPEC)) as client:
+        r = client.post("/v1/predict", content=json.dumps({"texts": [text]}),
+                        headers={"content-type": "application/json"})
+        check_hostile_answer(text, r.status_code, r.json())
+        assert r.status_code == (422 if name in REFUSED else 200), r.text
+        assert client.post("/v1/predict", json={"texts": ["fly to boston"]}).status_code == 200
+
+
+def test_docs_page_loads_its_assets_from_the_app(open_client):
+    """/docs works air-gapped: no CDN, every script and stylesheet it references is served here."""
+    r = open_client.get("/docs")
+    assert r.status_code == 200
+    assets = docs_assets(r.text)
+    assert len(assets) >= 3 and not [a for a in assets if "://" in a or a.startswith("//")], assets
+    for url in assets:
+        got = open_client.get(url)
+        assert got.status_code == 200 and len(got.content) > 1000, url
+    assert any(a.endswith("swagger-ui-bundle.js") for a in assets)
+    assert open_client.get("/openapi.json").json()["info"]["title"] == "mtl-ray"

@@ -111,3 +111,31 @@ def test_http_options_carry_the_request_timeout():
     assert http_options(spec) == {"host": "0.0.0.0", "port": 9000}  # no limit: Serve's default
     with pytest.raises(ValidationError, match="request_timeout_s"):
         ServeSpec(request_timeout_s=0)
+
+
+@pytest.mark.parametrize("text,needle", [
+    ("hello \ud800 world", "texts[1] contains a lone surrogate U+D800 at character 6"),
+    ("\udfff", "texts[1] contains a lone surrogate U+DFFF"),
+    ("\u200b\ufeff\u200d", "texts[1] has no visible character"),
+    ("\x00\x01 \x7f", "texts[1] has no visible character"),
+    ("\u202e\u202c", "texts[1] has no visible character"),
+])
+def test_texts_the_tokenizer_cannot_take_are_refused_naming_the_index(text, needle):
+    with pytest.raises(ValidationError) as err:
+        PredictRequest.model_validate({"texts": ["fine", text]})
+    assert needle in str(err.value)
+    assert text not in str(err.value)  # never echoed
+
+
+@pytest.mark.parametrize("text", ["a\x00b", "\ufeffhello", "\u202eabc", "a" + "\u0301" * 500,
+                                  "\U0001F600" * 50, "x" * 10_000, "tab\tand\nnewline"])
+def test_odd_but_valid_texts_are_accepted(text):
+    assert PredictRequest.model_validate({"texts": [text]}).texts == [text]
+
+
+def test_request_error_survives_pickling():
+    """A deployment handle's caller gets the replica's RequestError back (Ray pickles it)."""
+    import pickle
+
+    err = pickle.loads(pickle.dumps(RequestError(422, "texts[1] bad")))
+    assert (type(err), err.status, err.message) == (RequestError, 422, "texts[1] bad")
