@@ -42,10 +42,10 @@ def run_tune(cfg: RunConfig, resume: bool = False, data: dict[str, Any] | None =
              callbacks: list | None = None) -> dict[str, Any]:
     """Data -> sweep -> best checkpoint -> test sets -> MLflow parent run -> registered ``champion``.
 
-    Returns ``best`` (params and objective), ``test_metrics``, ``model_dir``, ``model_uri``,
-    ``registered_version``, ``parent_run_id``, ``sweep_dir``, ``table`` (a DataFrame, one row per
-    trial), ``wall_s``, ``trials``, ``stopped_early``, ``errors``, and ``equal_weights`` (with
-    ``tune.compare_equal``, else None). ``callbacks`` are extra Tune callbacks."""
+    Returns ``best`` (params and objective), ``test_metrics``, ``model_dir``, ``best_checkpoint``,
+    ``model_uri``, ``registered_version``, ``parent_run_id``, ``sweep_dir``, ``table`` (a DataFrame,
+    one row per trial), ``wall_s``, ``trials``, ``stopped_early``, ``errors``, and ``equal_weights``
+    (with ``tune.compare_equal``, else None). ``callbacks`` are extra Tune callbacks."""
     from pipelines.data import read_tasks
     from pipelines.ray_utils import init_ray
 
@@ -67,7 +67,8 @@ def publish_sweep(cfg: RunConfig, result: SweepResult, data: dict[str, Any], t0:
     test = evaluate_test(cfg, model_dir, data)
     summary: dict[str, Any] = {
         "best": result.best, "test_metrics": {t: r["metrics"] for t, r in test.items()},
-        "model_dir": str(model_dir), "model_uri": None, "registered_version": None,
+        "model_dir": str(model_dir), "best_checkpoint": result.best_checkpoint, "model_uri": None,
+        "registered_version": None,
         "parent_run_id": result.parent_run_id, "sweep_dir": str(result.sweep_dir), "trials": result.trials,
         "stopped_early": result.stopped_early, "errors": result.errors, "max_t": result.max_t,
         "max_concurrent_trials": result.max_concurrent_trials, "equal_weights": result.equal_weights,
