@@ -1,4 +1,5 @@
-"""int8 dynamic quantization vs fp32 in the serving path: texts/s and test metrics per task.
+"""Backends of the serving path: torch fp32, torch int8, ONNX Runtime fp32 and int8 (CPU):
+texts/s and test metrics per task, and ONNX's parity with torch.
 
     python -m benchmarks.quantization --quick                 # 128 texts; test sets cut to 100 rows
     python -m benchmarks.quantization --model runs/x/train-y/model
@@ -11,16 +12,19 @@ newest ``runs/**/model`` (Tune trials), else
 dir), or (``--quick``) an untrained MiniLM-based artifact with the quick config's tasks: speed is
 measured, metrics are marked not measured (an untrained model's metrics say nothing).
 
-Speed: ``Predictor.load(dir, device="cpu", quantize=False/True).predict`` on batches of 32 real test
+Speed: ``Predictor.load(dir, device="cpu", backend=..., quantize=...).predict`` on batches of 32 real test
 texts (the tasks' test sets interleaved, so short ATIS queries, film reviews and long BBC articles)
 asking for every task; best of N passes; int8 dynamic quantization is CPU-only, so both run on CPU.
 Metrics: ``mtl.evaluation.test_report`` of both models on the test sets of the config the model
 was trained with (``--config``, else the configs/*.yaml whose ``name`` is the folder under runs/); change in each task's
-primary metric, in points. Targets: speed-up ≥ 1.5×, drop ≤ 1 point on every task.
+primary metric, in points, against torch fp32. Parity: ONNX fp32's labels/tags against torch fp32's
+on the speed texts (all must agree) and the largest score difference. Targets: the fastest
+backend ≥ 2.5× torch fp32; int8 drops ≤ 0.5 point on every task. ONNX needs ``mtl-ray[onnx]``.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import tempfile
 import time
 from pathlib import Path
@@ -40,6 +44,8 @@ from benchmarks.common import (
 )
 
 NAME = "quantization"
+VARIANTS = (("torch-fp32", "torch", False), ("torch-int8", "torch", True),
+            ("onnx-fp32", "onnx", False), ("onnx-int8", "onnx", True))
 
 
 MODEL_SEARCH = (  # in order of preference: (glob under runs/, how the report names the find)
@@ -172,22 +178,28 @@ def main(argv: list[str] | None = None) -> dict:
     texts = interleaved_texts(data, n_texts)
     print(f"model: {model_dir} ({source}); {len(texts)} texts, batch {args.batch}, {n_threads} threads", flush=True)
 
-    speed = {}
-    preds = {}
-    for name, quantize in (("fp32", False), ("int8", True)):
+    speed, preds, answers = {}, {}, {}
+    for name, backend, quantize in VARIANTS:
+        if backend == "onnx" and importlib.util.find_spec("onnxruntime") is None:
+            print(f"  {name}: skipped (pip install 'mtl-ray[onnx]')", flush=True)
+            continue
         with phase(f"{name}: Predictor.predict"):
-            preds[name] = Predictor.load(model_dir, device="cpu", quantize=quantize)
+            preds[name] = Predictor.load(model_dir, device="cpu", backend=backend, quantize=quantize)
             speed[name] = throughput(preds[name], texts, args.batch, passes)
+            answers[name] = preds[name].predict(texts[:256])
         print(f"  {name}: {speed[name]['texts_per_s']} texts/s", flush=True)
-    speedup = speed["int8"]["texts_per_s"] / speed["fp32"]["texts_per_s"]
+    base = speed["torch-fp32"]["texts_per_s"]
+    speedups = {n: round(s["texts_per_s"] / base, 3) for n, s in speed.items()}
+    fastest = max(speedups, key=speedups.get)
+    parity = onnx_parity(answers["torch-fp32"], answers["onnx-fp32"]) if "onnx-fp32" in answers else None
     gpu_ref = None
     if torch.cuda.is_available():
         gpu_ref = throughput(Predictor.load(model_dir, device="cuda"), texts, args.batch, passes)
 
     # metrics on the test sets, when the model is trained and its labels match the data
     metrics, drop, why_not = {}, None, None
-    manifest_tasks = {t: (preds["fp32"].model.tasks[t].kind, preds["fp32"].model.tasks[t].labels)
-                      for t in preds["fp32"].task_names}
+    ref = preds["torch-fp32"].model
+    manifest_tasks = {t: (ref.tasks[t].kind, ref.tasks[t].labels) for t in preds["torch-fp32"].task_names}
     if not trained:
         why_not = "untrained model: metrics not measured"
     elif any(t not in data or data[t].labels != labels for t, (_, labels) in manifest_tasks.items()):
@@ -195,7 +207,7 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         rows = {t: data[t].splits["test"][:test_rows] if test_rows else data[t].splits["test"]
                 for t in manifest_tasks}
-        for name in ("fp32", "int8"):
+        for name in preds:
             with phase(f"{name}: test_report on {sum(len(r) for r in rows.values())} test rows"):
                 t0 = time.time()
                 rep = test_report(preds[name].model, preds[name].tokenizer, rows, batch_size=64)
@@ -204,12 +216,12 @@ def main(argv: list[str] | None = None) -> dict:
         per_task = {}
         for t, (kind, labels) in manifest_tasks.items():
             m = primary_metric(kind, labels)
-            a, b = metrics["fp32"][t][m], metrics["int8"][t][m]
-            per_task[t] = {"metric": m, "fp32": round(100 * a, 2), "int8": round(100 * b, 2),
-                           "drop_pts": round(100 * (a - b), 2)}
-            print(f"  {t} {m}: fp32 {100 * a:.2f}, int8 {100 * b:.2f} ({100 * (b - a):+.2f} pts)", flush=True)
+            a = metrics["torch-fp32"][t][m]
+            per_task[t] = {"metric": m, **{n: round(100 * metrics[n][t][m], 2) for n in preds},
+                           **{f"drop_pts_{n}": round(100 * (a - metrics[n][t][m]), 2) for n in preds if n != "torch-fp32"}}
+            print(f"  {t} {m}: " + ", ".join(f"{n} {100 * metrics[n][t][m]:.2f}" for n in preds), flush=True)
         metrics["per_task"] = per_task
-        drop = max(v["drop_pts"] for v in per_task.values())
+        drop = max(v[k] for v in per_task.values() for k in v if k.startswith("drop_pts_") and "int8" in k)
     tmp_note = source
     tmp.cleanup()
 
@@ -223,27 +235,51 @@ def main(argv: list[str] | None = None) -> dict:
         "texts": len(texts),
         "batch": args.batch,
         "tasks_per_request": len(manifest_tasks),
-        "fp32": speed["fp32"],
-        "int8": speed["int8"],
-        "speedup_int8_over_fp32": round(speedup, 3),
+        **speed,
+        "fp32": speed["torch-fp32"],  # the names earlier results used
+        "int8": speed["torch-int8"],
+        "speedup_over_torch_fp32": speedups,
+        "speedup_int8_over_fp32": speedups["torch-int8"],
+        "fastest": fastest,
+        "onnx_fp32_parity": parity,
         "fp32_cuda_reference": gpu_ref,
         "test_rows_per_task_cap": test_rows,
         "metrics": metrics or None,
         "max_metric_drop_pts": drop,
         "metrics_not_measured_because": why_not,
     }
-    print(f"int8 speed-up {speedup:.2f}×" + (f"; largest metric drop {drop:.2f} pts" if drop is not None
-                                             else f"; {why_not}"), flush=True)
-    return write_result(NAME, "int8 dynamic quantization vs fp32 (Predictor, CPU)", args, figures, [
-        target("int8_speedup", speedup, 1.5, ">=", "×", note="texts/s, batches of 32, all tasks"),
-        target("max_metric_drop", drop, 1.0, "<=", " pts",
-               note=why_not or "largest per-task drop of the primary test metric"),
+    print("speed-up over torch fp32: " + ", ".join(f"{n} {v:.2f}×" for n, v in speedups.items())
+          + (f"; largest int8 metric drop {drop:.2f} pts" if drop is not None else f"; {why_not}")
+          + (f"; onnx fp32 parity {parity}" if parity else ""), flush=True)
+    return write_result(NAME, "Serving backends: torch / ONNX Runtime, fp32 / int8 (Predictor, CPU)", args, figures, [
+        target("fastest_speedup", speedups[fastest], 2.5, ">=", "×", note=f"{fastest}; texts/s, batches of 32, all tasks"),
+        target("max_int8_metric_drop", drop, 0.5, "<=", " pts",
+               note=why_not or "largest per-task drop of the primary test metric, int8 vs torch fp32"),
+        target("onnx_fp32_label_mismatches", parity["label_mismatches"] if parity else None, 0, "<=",
+               note="labels/tags differing from torch fp32 on the speed texts"),
     ], notes=[
-        "int8 = torch.ao.quantization.quantize_dynamic of the encoder's Linear layers (mtl.predictor); "
-        "embeddings, LayerNorm, attention matmuls and heads stay fp32.",
-        "Both models run on CPU at the same thread count; speed is the best of the passes.",
+        "torch int8 = torch.ao.quantization.quantize_dynamic of the encoder's Linear layers (mtl.predictor); "
+        "ONNX = torch.onnx.export (dynamo) of encoder + all heads, ONNX Runtime CPU provider; ONNX int8 = "
+        "onnxruntime.quantization.quantize_dynamic (QInt8 weights) (mtl.onnx_backend).",
+        "Every backend runs on CPU at the same thread count; speed is the best of the passes.",
         "Texts are the test sets interleaved (ATIS queries, Rotten Tomatoes reviews, BBC articles).",
     ])
+
+
+def onnx_parity(want: list[dict], got: list[dict]) -> dict:
+    """Labels/tags that differ between two backends' answers, and the largest score difference."""
+    mismatches, worst = 0, 0.0
+    for w, g in zip(want, got):
+        for task, a in w.items():
+            b = g[task]
+            if "label" in a:
+                mismatches += a["label"] != b["label"]
+                worst = max(worst, abs(a["score"] - b["score"]))
+            elif "tags" in a:
+                mismatches += a["tags"] != b["tags"]
+            elif "value" in a:
+                worst = max(worst, abs(a["value"] - b["value"]))
+    return {"texts": len(want), "label_mismatches": mismatches, "max_score_diff": worst}
 
 
 if __name__ == "__main__":

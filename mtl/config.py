@@ -164,6 +164,9 @@ class ServeSpec(_Strict):
     max_chars: int = Field(5000, ge=1)  # characters per text; longer is a 413
     max_body_bytes: int = Field(1_000_000, ge=1024)
     quantize: bool = False  # int8 dynamic quantization of the encoder's Linear layers (CPU)
+    # torch, or ONNX Runtime on CPU (pip install 'mtl-ray[onnx]'; the graph is exported on first use
+    # and cached in the artifact's onnx/ folder); with quantize: ONNX Runtime's dynamic int8
+    backend: Literal["torch", "onnx"] = "torch"
     token_env: str = "MTL_RAY_TOKEN"  # bearer token read from this variable, when set
     # end-to-end HTTP limit (Serve's http_options, cluster-wide): a request not answered in time gets
     # a 408 instead of waiting forever, e.g. one in flight on a replica that died; None: no limit

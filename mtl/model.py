@@ -37,6 +37,7 @@ class TaskInfo:
     max_length: int = 128
     pooling: str = "mean"
     head_dropout: float = 0.1
+    temperature: float = 1.0  # scores are softmax/sigmoid of logits / temperature (mtl.calibration)
 
     def make_kind(self) -> TaskKind:
         return make_kind(self.kind, self.labels)

@@ -1,7 +1,8 @@
 """In-process predictions from a model artifact: what evaluation, Serve and the MLflow pyfunc share.
 
 One encoder pass per batch of texts serves every task asked for; each task's kind decodes its head.
-Each task reads a text up to its own ``max_length`` tokens, as in training and evaluation, so what
+Scores are calibrated: each task's logits are divided by its ``temperature`` (``mtl.calibration``;
+1 until calibrated), which changes no label. Each task reads a text up to its own ``max_length`` tokens, as in training and evaluation, so what
 is served is what was measured: one encoder pass at the longest length asked for, and one more
 per shorter length only for the texts longer than it. Words past a token task's cut get no tags.
 
@@ -74,16 +75,29 @@ class Predictor:
         # (a 12-token query does not pay for a 128-token article beside it). On GPUs one padded
         # launch is usually cheaper than several small ones: off by default there.
         self.length_buckets = self.device.type == "cpu" if length_buckets is None else length_buckets
+        self.tokens = 0  # tokens run through the encoder so far (padding excluded)
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device | None = None, quantize: bool = False,
-             max_length: int | None = None, length_buckets: bool | None = None) -> Predictor:
+             max_length: int | None = None, length_buckets: bool | None = None,
+             backend: Literal["torch", "onnx"] = "torch") -> Predictor:
+        """``backend="onnx"``: ONNX Runtime on CPU (``mtl.onnx_backend``), exported on first use;
+        ``quantize``: dynamic int8 (torch or ONNX Runtime), CPU only."""
+        from mtl.registry import find_manifest_dir
+
+        path = find_manifest_dir(Path(path))
         device = torch.device(device) if device is not None else pick_device()
         model, tokenizer = MultiTaskModel.load(path, "cpu")
-        if quantize:
-            if device.type != "cpu":
-                raise ValueError("int8 dynamic quantization runs on CPU only")
+        if (quantize or backend == "onnx") and device.type != "cpu":
+            raise ValueError("int8 dynamic quantization and the onnx backend run on CPU only")
+        if backend == "onnx":
+            from mtl.onnx_backend import load_onnx
+
+            model = load_onnx(path, model, int8=quantize)
+        elif quantize:
             model = quantize_dynamic_int8(model)
+        elif backend != "torch":
+            raise ValueError(f"backend {backend!r}: use 'torch' or 'onnx'")
         return cls(model, tokenizer, max_length, device, length_buckets)
 
     @property
@@ -161,8 +175,9 @@ class Predictor:
                 for j, i in enumerate(over):
                     logits[i].update(cut_logits[j])
                     word_ids[i].update(cut_ids[j])
-        return [{name: self.model.kinds[name].decode(logits[i][name], split[i][0], split[i][1], word_ids[i][name],
-                                                      text, top_k) for name in names}
+        scale = {n: float(getattr(self.model.tasks[n], "temperature", 1.0) or 1.0) for n in names}
+        return [{name: self.model.kinds[name].decode(logits[i][name] / scale[name], split[i][0], split[i][1],
+                                                      word_ids[i][name], text, top_k) for name in names}
                 for i, text in enumerate(texts)]
 
     def _run(self, words: list[list[str]], length: int, names: list[str]):
@@ -170,6 +185,7 @@ class Predictor:
         enc = tokenize_words(self.tokenizer, words, length, padding="longest")
         ids = torch.as_tensor(enc["input_ids"])
         mask = torch.as_tensor(enc["attention_mask"])
+        self.tokens += int(mask.sum())
         logits: list[dict[str, torch.Tensor]] = [{} for _ in words]
         for group in self._groups(mask):
             width = int(mask[group].sum(1).max())  # right padding: real tokens come first

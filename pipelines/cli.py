@@ -92,6 +92,17 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def cmd_k8s(args) -> int:
+    """Write the RayJob and RayService manifests for a run config (see pipelines/k8s.py)."""
+    from pipelines.k8s import write_manifests
+
+    paths = write_manifests(args.config, args.out, args.overrides, image=args.image, storage=args.storage,
+                            tracking_uri=args.tracking_uri, name=args.name, model=args.model)
+    for path in paths.values():
+        print(path)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mtl-ray", description="Multi-task fine-tuning on Ray.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -130,6 +141,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quantize", action="store_true", default=None, help="int8 dynamic quantization (CPU)")
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI for models:/ URIs")
     p.set_defaults(func=cmd_serve)
+
+    p = with_config(sub.add_parser("k8s", help="KubeRay manifests (RayJob + RayService) from a run config"))
+    p.add_argument("--image", default=None, help="the image built from deploy/Dockerfile (default mtl-ray:<version>-cpu/-gpu)")
+    p.add_argument("--storage", default=None, help="object storage for output_dir: s3://, gs:// or abfs:// (default: the config's)")
+    p.add_argument("--tracking-uri", default=None, help="MLflow tracking server, http(s):// or databricks (default: the config's)")
+    p.add_argument("--name", default=None, help="base name of the Kubernetes objects (default: the config's name)")
+    p.add_argument("--model", default=None, help="what the RayService serves (default models:/<registered_model>@champion; "
+                   "a version, models:/<name>/<n>, pins every replica to it and rolls it out on apply)")
+    p.add_argument("--out", default="deploy/k8s", help="folder for rayjob.yaml and rayservice.yaml")
+    p.set_defaults(func=cmd_k8s)
     return parser
 
 

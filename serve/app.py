@@ -7,7 +7,8 @@
          -d '{"texts": ["fly from boston to denver"], "tasks": ["intent", "slots"]}'
 
 Endpoints: ``POST /v1/predict``, ``GET /v1/tasks``, ``GET /healthz``, OpenAPI at ``/docs``
-(request and answer shapes: ``serve/schema.py``).
+(request and answer shapes: ``serve/schema.py``). Per-task metrics in Prometheus format where Ray
+exports metrics (``serve/metrics.py``).
 
 How a request is served:
 
@@ -71,6 +72,7 @@ from fastapi.responses import JSONResponse
 from ray import serve
 
 from mtl.config import MlflowSpec, RunConfig, ServeSpec, load_config
+from serve.metrics import TaskMetrics
 from serve.schema import (
     ErrorResponse,
     HealthResponse,
@@ -355,17 +357,18 @@ class MultiTaskPredictor:
         self._batched.set_batch_wait_timeout_s(self.spec.batch_wait_timeout_s)
         self.token = os.environ.get(self.spec.token_env) or None
         self.counts = {"requests": 0, "texts": 0, "batches": 0, "max_batch": 0, "failed": 0, "reloads": 0}
+        self.metrics = TaskMetrics()
         self._stop = threading.Event()
         if alias_of(model) and self.spec.follow_alias_s:
             threading.Thread(target=self._follow_alias, name="mtl-ray-alias", daemon=True).start()
         logger.info("mtl-ray replica: %s (version %s) from %s on %s%s; tasks %s; token %s", model, version, path,
-                    self.predictor.device, " (int8)" if self.spec.quantize else "", self.task_names,
+                    self.predictor.device, f" ({self.spec.backend}{', int8' if self.spec.quantize else ''})", self.task_names,
                     "on" if self.token else "off")
 
     def _load(self, path: Path):
         from mtl.predictor import Predictor
 
-        return Predictor.load(path, device=_replica_device(), quantize=self.spec.quantize)
+        return Predictor.load(path, device=_replica_device(), quantize=self.spec.quantize, backend=self.spec.backend)
 
     def _follow_alias(self) -> None:
         """Every ``follow_alias_s``: where the alias points; a new version is downloaded and loaded
@@ -419,11 +422,15 @@ class MultiTaskPredictor:
         """The answers for one request, from a shared batch, and the model version that gave them;
         :class:`RequestError` (4xx/500) when this request's texts could not be answered, logged once
         with the request id, no text."""
+        started = time.perf_counter()
         answer, version = await self._batched(PredictItem(list(texts), list(tasks), top_k))
         if isinstance(answer, ItemFailure):
             self.counts["failed"] += 1
+            self.metrics.record_failure(answer.status)
             logger.warning("mtl-ray: request %s refused with %d: %s", request_id() or "-", answer.status,
                            answer.message)
+        else:
+            self.metrics.record_request(list(tasks), answer, 1000 * (time.perf_counter() - started))
         return answer_or_raise(answer), version
 
     def stats(self) -> dict[str, Any]:
@@ -433,7 +440,7 @@ class MultiTaskPredictor:
         c = self.counts
         return {**c, "replica": serve.get_replica_context().replica_tag, "torch_threads": torch.get_num_threads(),
                 "mean_batch": c["requests"] / c["batches"] if c["batches"] else 0.0, "version": self.model_version,
-                "device": str(self.predictor.device), "quantized": self.spec.quantize}
+                "device": str(self.predictor.device), "quantized": self.spec.quantize, "backend": self.spec.backend}
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
     async def _batched(self, items: list[PredictItem]) -> list[tuple[list[dict[str, Any]] | ItemFailure, str | None]]:
@@ -443,8 +450,10 @@ class MultiTaskPredictor:
         c["texts"] += sum(len(i.texts) for i in items)
         c["max_batch"] = max(c["max_batch"], len(items))
         served = self.served  # one model for the whole batch, even if the alias moves meanwhile
+        tokens = served.predictor.tokens  # batches run one at a time (serve.batch's default)
         # the forward pass runs in a thread so the replica keeps accepting requests meanwhile
         answers = await asyncio.to_thread(run_batch, served.predictor, items, self.max_texts_per_pass)
+        self.metrics.record_batch(sum(len(i.texts) for i in items), served.predictor.tokens - tokens)
         return [(a, served.version) for a in answers]
 
 
@@ -469,6 +478,8 @@ def deployment_options(spec: ServeSpec, env: dict[str, str] | None = None) -> di
         raise ValueError(f"serve.min_replicas ({spec.min_replicas}) > serve.max_replicas ({spec.max_replicas})")
     if spec.quantize and spec.num_gpus > 0:
         raise ValueError("serve.quantize (int8) runs on CPU only; set serve.num_gpus to 0")
+    if spec.backend == "onnx" and spec.num_gpus > 0:
+        raise ValueError("serve.backend onnx runs on CPU only; set serve.num_gpus to 0 or serve.backend to torch")
     actor: dict[str, Any] = {"num_cpus": spec.num_cpus, "num_gpus": spec.num_gpus}
     if env:
         actor["runtime_env"] = {"env_vars": {**replica_env(), **env}}

@@ -262,3 +262,51 @@ def test_served_answers_give_the_metrics_evaluate_reports(tiny_artifact, quick_d
             preds = [kind.index[a[task]["label"]] for a in answers]
             refs = [kind.index[r["label"]] for r in task_rows]
         assert kind.metrics(preds, refs) == pytest.approx(report[task]["metrics"], abs=1e-9), task
+
+
+@pytest.fixture(scope="module")
+def onnx_artifact(tiny_artifact, tmp_path_factory):
+    """A copy of the tiny artifact (the ONNX graphs are cached inside it)."""
+    import shutil
+
+    dst = tmp_path_factory.mktemp("onnx") / "model"
+    shutil.copytree(tiny_artifact, dst)
+    return dst
+
+
+def test_onnx_backend_gives_the_torch_answers(onnx_artifact, quick_data):
+    """fp32 ONNX Runtime: the same labels and tags as torch on every text, scores within 1e-4; the
+    graph is exported once and reused."""
+    pytest.importorskip("onnxruntime")
+    _, data = quick_data
+    texts = [r["text"] for d in data.values() for r in d.splits["test"][:25]] + ["fly to boston", "x " * 200]
+    torch_p = Predictor.load(onnx_artifact, device="cpu")
+    onnx_p = Predictor.load(onnx_artifact, device="cpu", backend="onnx")
+    graphs = sorted((onnx_artifact / "onnx").glob("*.fp32.onnx"))
+    assert len(graphs) == 1
+    want, got = torch_p.predict(texts), onnx_p.predict(texts)
+    for w, g in zip(want, got):
+        assert set(w) == set(g) == {"intent", "slots", "sentiment", "topic"}
+        for task in w:
+            if "label" in w[task]:
+                assert g[task]["label"] == w[task]["label"]
+                assert g[task]["score"] == pytest.approx(w[task]["score"], abs=1e-4)
+            else:
+                assert g[task]["tags"] == w[task]["tags"]
+                assert [(e["start"], e["end"], e["type"]) for e in g[task]["entities"]] == \
+                       [(e["start"], e["end"], e["type"]) for e in w[task]["entities"]]
+    mtime = graphs[0].stat().st_mtime_ns
+    Predictor.load(onnx_artifact, device="cpu", backend="onnx")
+    assert graphs[0].stat().st_mtime_ns == mtime  # cached, not exported again
+
+
+def test_onnx_int8_runs_and_mostly_agrees(onnx_artifact):
+    pytest.importorskip("onnxruntime")
+    texts = ["show me flights from boston to denver", "a dull film", "shares fell", "book a table for two"] * 4
+    q = Predictor.load(onnx_artifact, device="cpu", backend="onnx", quantize=True)
+    assert sorted(p.name.split(".", 1)[1] for p in (onnx_artifact / "onnx").glob("*.onnx")) == ["fp32.onnx", "int8.onnx"]
+    out = q.predict(texts)
+    assert len(out) == len(texts) and all(set(o) == {"intent", "slots", "sentiment", "topic"} for o in out)
+    assert all(len(o["slots"]["tags"]) == len(t.split()) for o, t in zip(out, texts))
+    with pytest.raises(ValueError, match="CPU only"):
+        Predictor.load(onnx_artifact, device="meta", backend="onnx")

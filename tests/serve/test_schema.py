@@ -91,6 +91,8 @@ def test_deployment_options_follow_the_spec():
         deployment_options(ServeSpec(min_replicas=3, max_replicas=2))
     with pytest.raises(ValueError, match="CPU only"):
         deployment_options(ServeSpec(quantize=True, num_gpus=1))
+    with pytest.raises(ValueError, match="backend onnx runs on CPU only"):
+        deployment_options(ServeSpec(backend="onnx", num_gpus=1))
 
 
 def test_cli_none_means_the_configs_value():

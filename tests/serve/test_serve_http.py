@@ -403,3 +403,33 @@ def test_moving_the_alias_under_load_switches_versions_with_no_failed_request(ba
     print(f"alias moved: first answer from version 2 after {switch_s:.1f} s; {len(seen)} requests, all 200")
     for _, _, v, preds in seen:
         assert preds == roundtrip(want[v])
+
+
+def test_per_task_metrics_are_exported_in_prometheus_format(client):
+    """A few requests, then Ray's metrics endpoint on this node lists the per-task series."""
+    import re
+    import time
+
+    import ray
+
+    for tasks in (["intent"], ["slots", "topic"], None):
+        body = {"texts": TEXTS[:3], **({"tasks": tasks} if tasks else {})}
+        assert client.post("/v1/predict", json=body, headers=AUTH).status_code == 200
+    port = next(n["MetricsExportPort"] for n in ray.nodes() if n["Alive"])
+    wanted = ["mtl_ray_task_requests", "mtl_ray_task_texts", "mtl_ray_task_latency_ms",
+              "mtl_ray_task_top_score", "mtl_ray_batch_texts", "mtl_ray_batch_tokens"]
+    deadline, text = time.monotonic() + 60, ""
+    while time.monotonic() < deadline:  # Ray's agent exports what replicas reported every few seconds
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        if all(w in text for w in wanted) and 'task="topic"' in text:
+            break
+        time.sleep(2)
+    missing = [w for w in wanted if w not in text]
+    assert not missing, missing
+    counts = {m[1]: float(m[2]) for m in re.finditer(
+        r'^ray_mtl_ray_task_texts_total\{[^}]*task="(\w+)"[^}]*\}\s+([0-9.e+]+)', text, re.M)
+        for m in [(None, m[1], m[2])]}
+    # every request of this module counts: at least this test's texts per task
+    assert counts["intent"] >= 6 and counts["slots"] >= 6 and counts["topic"] >= 6, counts
+    assert re.search(r'mtl_ray_task_top_score_bucket\{[^}]*task="intent"', text)
+    assert 'application="mtl-ray"' in text
