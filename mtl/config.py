@@ -25,6 +25,15 @@ class ConfigError(ValueError):
     """A config that cannot run; the message names the file and the field."""
 
 
+class RuleViolations(ValueError):
+    """Cross-field rules a config breaks, each as (field, message); ``_format_errors`` names the
+    field instead of the model that checked it."""
+
+    def __init__(self, problems: list[tuple[str, str]]):
+        super().__init__("; ".join(f"{f}: {m}" for f, m in problems))
+        self.problems = problems
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -202,12 +211,12 @@ class RunConfig(_Strict):
         return tasks
 
     @model_validator(mode="after")
-    def _check_objective(self) -> RunConfig:
-        obj = self.train.objective
-        if obj != "mean":
-            task = obj.split(".", 1)[0]
-            if "." not in obj or task not in self.task_names:
-                raise ValueError(f"train.objective {obj!r}: use 'mean' or '<task>.<metric>' with a task of this config")
+    def _check_rules(self) -> RunConfig:
+        """Every cross-field rule, checked here so a config that cannot run fails before Ray starts."""
+        problems = (_objective_problems(self) + _parallel_problems(self.train)
+                    + _weighting_problems(self) + _space_problems(self))
+        if problems:
+            raise RuleViolations(problems)
         return self
 
     @property
@@ -225,6 +234,92 @@ class RunConfig(_Strict):
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
+
+
+def _objective_problems(cfg: RunConfig) -> list[tuple[str, str]]:
+    """``train.objective``: ``mean`` or ``<task>.<metric>`` with a metric that task's kind reports."""
+    obj = cfg.train.objective
+    if obj == "mean":
+        return []
+    task, _, metric = obj.partition(".")
+    if not metric or task not in cfg.task_names:
+        return [("train.objective", f"{obj!r}: use 'mean' or '<task>.<metric>' with a task of this config "
+                                    f"({', '.join(cfg.task_names)})")]
+    from mtl.tasks import KINDS  # imports torch: only for a '<task>.<metric>' objective
+
+    kind = cfg.task(task).kind
+    names = KINDS[kind].metric_names
+    if metric not in names:
+        return [("train.objective", f"{obj!r}: task {task!r} ({kind}) has no metric {metric!r}; "
+                                    f"use one of {', '.join(names)}, or 'mean'")]
+    return []
+
+
+def _parallel_problems(tc: TrainSpec) -> list[tuple[str, str]]:
+    """Batch splitting, DDP gradient compression and PCGrad's limits."""
+    out = []
+    if tc.batch_size % (tc.num_workers * tc.grad_accum):
+        out.append(("train.batch_size", f"{tc.batch_size} must be a multiple of train.num_workers × "
+                                        f"train.grad_accum ({tc.num_workers} × {tc.grad_accum})"))
+    if tc.comm_hook != "none":
+        if tc.strategy == "fsdp":
+            out.append(("train.comm_hook", f"{tc.comm_hook!r} is a DDP gradient hook; FSDP has none "
+                                           "(use train.strategy: ddp or train.comm_hook: none)"))
+        elif tc.num_workers == 1:
+            out.append(("train.comm_hook", f"{tc.comm_hook!r} compresses the all-reduce between workers; "
+                                           "with train.num_workers: 1 there is none (use comm_hook: none)"))
+    if tc.weighting == "pcgrad":
+        # PCGrad projects per-task gradients of one joint step, all-reduced by hand under DDP
+        for field, bad, why in (
+                ("train.strategy", tc.strategy != "ddp", "needs train.strategy: ddp"),
+                ("train.sampling", tc.sampling != "joint", "needs train.sampling: joint (every task each step)"),
+                ("train.grad_accum", tc.grad_accum > 1, "needs train.grad_accum: 1 (it projects one step's gradients)"),
+                ("train.precision", tc.precision == "fp16",
+                 "cannot use train.precision: fp16 (its per-task gradients bypass the loss scaler); use bf16 or fp32")):
+            if bad:
+                out.append((field, f"train.weighting: pcgrad {why}"))
+    return out
+
+
+def _weighting_problems(cfg: RunConfig) -> list[tuple[str, str]]:
+    """Learned uncertainty weights replace λ, so a set or tuned λ would silently do nothing."""
+    if cfg.train.weighting != "uncertainty":
+        return []
+    out = [(f"tasks.{i}.weight", f"{t.weight:g}: train.weighting: uncertainty learns the task weights, "
+                                 "so a static weight λ has no effect; remove it (or use weighting: static)")
+           for i, t in enumerate(cfg.tasks) if t.weight != 1.0]
+    if cfg.tune is not None and cfg.tune.space.task_weights and len(cfg.tasks) > 1:
+        out.append(("tune.space.task_weights", "true with train.weighting: uncertainty: the learned weights "
+                                               "override λ, so a λ search has no effect; set it to false"))
+    return out
+
+
+def _space_problems(cfg: RunConfig) -> list[tuple[str, str]]:
+    """``tune.space`` values the trainer cannot run."""
+    if cfg.tune is None:
+        return []
+    space, tc = cfg.tune.space, cfg.train
+    out = []
+    lo, hi = space.lr
+    if lo > hi:
+        out.append(("tune.space.lr", f"lower bound {lo} is above the upper bound {hi}"))
+    bad = [b for b in space.batch_size or [] if b % (tc.num_workers * tc.grad_accum)]
+    if bad:
+        out.append(("tune.space.batch_size", f"{bad} not a multiple of train.num_workers × train.grad_accum "
+                                             f"({tc.num_workers} × {tc.grad_accum})"))
+    bad_w = [w for w in space.warmup_ratio or [] if not 0 <= w < 1]
+    if bad_w:
+        out.append(("tune.space.warmup_ratio", f"{bad_w} not in [0, 1)"))
+    bad_t = [t for t in space.temperature or [] if t <= 0]
+    if bad_t:
+        out.append(("tune.space.temperature", f"{bad_t} not positive"))
+    return out
+
+
+def check_config(cfg: RunConfig, origin: str = "<config>") -> None:
+    """Validate again (a config changed in code, e.g. ``model_copy(update=...)``, skips validation);
+    raises ``ConfigError`` naming the field."""
+    config_from_dict(cfg.to_dict(), origin)
 
 
 def _parse_scalar(text: str) -> Any:
@@ -264,8 +359,12 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 def _format_errors(err: ValidationError, origin: str) -> str:
     lines = []
     for e in err.errors():
-        field = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        lines.append(f"{origin}: {field}: {e['msg']}")
+        loc = [str(p) for p in e["loc"]]
+        rules = (e.get("ctx") or {}).get("error")
+        if isinstance(rules, RuleViolations):
+            lines += [f"{origin}: {'.'.join([*loc, field])}: {msg}" for field, msg in rules.problems]
+        else:
+            lines.append(f"{origin}: {'.'.join(loc) or '(top level)'}: {e['msg']}")
     return "\n".join(lines)
 
 

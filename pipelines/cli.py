@@ -47,9 +47,9 @@ def cmd_train(args) -> int:
 
 
 def cmd_tune(args) -> int:
-    from tune.sweep import run_sweep
+    from pipelines.tuning import run_tune
 
-    result = run_sweep(_config(args), resume=args.resume)
+    result = run_tune(_config(args), resume=args.resume)
     print(json.dumps({k: v for k, v in result.items() if k != "table"}, indent=2, default=str))
     return 0
 
@@ -84,7 +84,7 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from serve.app import run_server
+    from pipelines.serving import run_server
 
     cfg = load_config(args.config, args.overrides) if args.config else None
     run_server(args.model, cfg, host=args.host, port=args.port, quantize=args.quantize,

@@ -7,6 +7,8 @@
 
 data (read, split, report) -> sweep (or one training run when the config has no ``tune:``) ->
 test-set evaluation of the winner -> MLflow registration as ``champion`` -> optionally Serve.
+With ``mlflow.enabled: false`` nothing is registered: the winner's model directory is printed and
+served instead of ``models:/<name>@champion``.
 Each stage prints one line with counts and elapsed time. Outputs go to a new timestamped folder
 under ``output_dir/name``, so a re-run never overwrites an earlier one.
 """
@@ -18,6 +20,7 @@ import time
 from typing import Any
 
 from mtl.config import RunConfig
+from mtl.tracking import absolute_tracking_uri
 
 SAMPLE_TEXTS = [
     "show me flights from boston to denver tomorrow morning",
@@ -37,6 +40,16 @@ def results_table(test_metrics: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
+def champion_reference(cfg: RunConfig, summary: dict[str, Any]) -> str:
+    """What to serve and print: the registry alias when the model was registered, else (MLflow
+    disabled) the local model directory."""
+    if summary.get("registered_version") is not None:
+        return f"models:/{cfg.mlflow.registered_model}@champion"
+    if not summary.get("model_dir"):
+        raise RuntimeError("the run produced neither a registered model nor a model directory")
+    return str(summary["model_dir"])
+
+
 def run_pipeline(cfg: RunConfig, serve: bool = False, data: dict | None = None) -> dict[str, Any]:
     from pipelines.data import read_tasks, summarize
     from pipelines.ray_utils import init_ray
@@ -50,13 +63,14 @@ def run_pipeline(cfg: RunConfig, serve: bool = False, data: dict | None = None) 
     print(summarize(cfg, data), flush=True)
     init_ray()
     if cfg.tune is not None:
-        from tune.sweep import run_sweep
+        from pipelines.tuning import run_tune
 
         _stage("sweep", t0, f"{cfg.tune.num_samples} trials, {cfg.tune.search} search, ASHA")
-        result = run_sweep(cfg, data=data)
+        result = run_tune(cfg, data=data)
         summary = {
             "mode": "sweep", "best": result.get("best"), "test_metrics": result["test_metrics"],
-            "model_uri": result.get("model_uri"), "registered_version": result.get("registered_version"),
+            "model_dir": result.get("model_dir"), "model_uri": result.get("model_uri"),
+            "registered_version": result.get("registered_version"),
             "mlflow_run_id": result.get("parent_run_id"), "output": result.get("sweep_dir"),
         }
     else:
@@ -65,18 +79,20 @@ def run_pipeline(cfg: RunConfig, serve: bool = False, data: dict | None = None) 
         _stage("train", t0, f"{cfg.train.max_steps} steps, {cfg.train.num_workers} worker(s)")
         result = run_training(cfg, data=data, register_model=True)
         summary = {
-            "mode": "train", "test_metrics": result["test_metrics"], "model_uri": result.get("model_uri"),
-            "registered_version": result.get("registered_version"), "mlflow_run_id": result.get("mlflow_run_id"),
-            "output": result.get("run_dir"),
+            "mode": "train", "test_metrics": result["test_metrics"], "model_dir": result.get("model_dir"),
+            "model_uri": result.get("model_uri"), "registered_version": result.get("registered_version"),
+            "mlflow_run_id": result.get("mlflow_run_id"), "output": result.get("run_dir"),
         }
-    champion = f"models:/{cfg.mlflow.registered_model}@champion"
+    champion = champion_reference(cfg, summary)
     summary.update({"champion": champion, "wall_s": round(time.time() - t0, 1)})
-    _stage("register", t0, f"{champion} -> version {summary['registered_version']}")
+    if summary["registered_version"] is not None:
+        _stage("register", t0, f"{champion} -> version {summary['registered_version']}")
+    else:
+        _stage("model", t0, f"{champion} (MLflow disabled: not registered)")
     print(results_table(summary["test_metrics"]), flush=True)
     print(json.dumps(summary, indent=2, default=str), flush=True)
     if serve:
-        from pipelines.tracking import absolute_tracking_uri
-        from serve.app import run_server
+        from pipelines.serving import run_server
 
         _stage("serve", t0, f"{champion} on http://{cfg.serve.host}:{cfg.serve.port}")
         url = run_server(champion, cfg, tracking_uri=absolute_tracking_uri(cfg.mlflow.tracking_uri), blocking=False)

@@ -15,72 +15,12 @@ from typing import Any
 import numpy as np
 
 from mtl.config import RunConfig
+from mtl.tracking import absolute_tracking_uri, end_run, flat_params, setup, start_run
+
+__all__ = ["CHAMPION", "absolute_tracking_uri", "confusion_png", "end_run", "flat_params", "log_model",
+           "log_summary", "log_test_results", "model_card", "model_requirements", "register", "report_text", "setup", "start_run"]
 
 CHAMPION = "champion"
-
-
-def absolute_tracking_uri(uri: str) -> str:
-    """``sqlite:///mlflow.db`` relative to the working directory -> an absolute path, so Ray workers
-    (whose working directory differs) write to the same store."""
-    prefix = "sqlite:///"
-    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
-        return prefix + str(Path(uri[len(prefix):]).resolve())
-    return uri
-
-
-def setup(cfg: RunConfig):
-    """Point MLflow at the config's store and experiment; returns (mlflow, experiment_id)."""
-    import mlflow
-
-    uri = absolute_tracking_uri(cfg.mlflow.tracking_uri)
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    exp = mlflow.get_experiment_by_name(cfg.mlflow.experiment)
-    exp_id = exp.experiment_id if exp else mlflow.create_experiment(cfg.mlflow.experiment)
-    return mlflow, exp_id
-
-
-def flat_params(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
-    """Nested config -> {"train.lr": "5e-05", "tasks.0.name": "intent", ...} (values ≤ 500 chars)."""
-    out: dict[str, str] = {}
-    items = d.items() if isinstance(d, dict) else enumerate(d)
-    for k, v in items:
-        key = f"{prefix}{k}"
-        if isinstance(v, (dict, list)) and v:
-            out.update(flat_params(v, key + "."))
-        else:
-            out[key] = str(v)[:500]
-    return out
-
-
-def start_run(cfg: RunConfig, run_name: str, parent_run_id: str | None = None,
-              tags: dict[str, str] | None = None, extra_params: dict[str, Any] | None = None) -> str:
-    """Create a run holding the whole resolved config as params; returns its id (left open)."""
-    from mlflow.tracking import MlflowClient
-
-    mlflow, exp_id = setup(cfg)
-    client = MlflowClient()
-    all_tags = {"mlflow.runName": run_name, **(tags or {})}
-    if parent_run_id:
-        all_tags["mlflow.parentRunId"] = parent_run_id
-    run = client.create_run(exp_id, tags=all_tags, run_name=run_name)
-    params = flat_params(cfg.to_dict())
-    params.update({k: str(v)[:500] for k, v in (extra_params or {}).items()})
-    from mlflow.entities import Param
-
-    items = [Param(k, v) for k, v in params.items()]
-    for i in range(0, len(items), 90):
-        client.log_batch(run.info.run_id, params=items[i:i + 90])
-    import yaml
-
-    client.log_text(run.info.run_id, yaml.safe_dump(cfg.to_dict(), sort_keys=False), "config.yaml")
-    return run.info.run_id
-
-
-def end_run(run_id: str, status: str = "FINISHED") -> None:
-    from mlflow.tracking import MlflowClient
-
-    MlflowClient().set_terminated(run_id, status)
 
 
 def confusion_png(cm: list[list[int]], labels: list[str], title: str, path: Path) -> Path:
@@ -167,12 +107,29 @@ def model_card(cfg: RunConfig, results: dict[str, dict[str, Any]], sizes: dict[s
     return "\n".join(lines)
 
 
+# What loading the pyfunc model imports: the ``mtl`` package (shipped as code with the model) and
+# these distributions. mlflow-skinny is the part of MLflow that loads pyfunc models.
+MODEL_REQUIREMENTS = ("mlflow-skinny", "torch", "transformers", "tokenizers", "safetensors", "numpy", "pandas",
+                      "seqeval")
+
+
+def model_requirements() -> list[str]:
+    """``MODEL_REQUIREMENTS`` pinned to the versions installed here (local labels such as ``+cpu``
+    dropped: ``torch==2.13.0`` is satisfied by the CPU and the CUDA builds alike)."""
+    from importlib.metadata import version
+
+    return [f"{name}=={version(name).split('+', 1)[0]}" for name in MODEL_REQUIREMENTS]
+
+
 def log_model(run_id: str, artifact_dir: str | Path, name: str = "model") -> str:
-    """Log the artifact as an MLflow pyfunc model (models from code) in ``run_id``; returns its URI."""
+    """Log the artifact as an MLflow pyfunc model (models from code) in ``run_id``; returns its URI.
+    The model carries the ``mtl`` package as code and pins its requirements, so
+    ``mlflow.pyfunc.load_model`` works in an environment holding only what it declares."""
     import warnings
 
     import mlflow
 
+    import mtl
     import mtl.pyfunc_model as code
 
     warnings.filterwarnings("ignore", message=".*type hints to the `predict` method.*")
@@ -181,7 +138,8 @@ def log_model(run_id: str, artifact_dir: str | Path, name: str = "model") -> str
             name=name,
             python_model=code.__file__,
             artifacts={"mtl_model": str(artifact_dir)},
-            pip_requirements=["mtl-ray", "torch>=2.4", "transformers", "safetensors", "pandas"],
+            code_paths=[str(Path(mtl.__file__).parent)],
+            pip_requirements=model_requirements(),
         )
     return info.model_uri
 

@@ -505,12 +505,10 @@ def resolve_use_gpu(cfg: RunConfig) -> bool:
 
 
 def check_train_config(cfg: RunConfig) -> None:
-    tc = cfg.train
-    if tc.batch_size % (tc.num_workers * tc.grad_accum):
-        raise ValueError(f"train.batch_size ({tc.batch_size}) must be a multiple of train.num_workers × "
-                         f"train.grad_accum ({tc.num_workers} × {tc.grad_accum})")
-    if tc.weighting == "pcgrad" and (tc.strategy != "ddp" or tc.sampling != "joint"):
-        raise ValueError("train.weighting=pcgrad needs train.strategy=ddp and train.sampling=joint")
+    """The config gate's rules (``mtl.config``), again for a config changed in code."""
+    from mtl.config import check_config
+
+    check_config(cfg)
 
 
 def make_loop_config(cfg: RunConfig, data: dict[str, TaskData], mlflow_run_id: str | None = None,

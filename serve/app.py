@@ -39,7 +39,7 @@ How a request is served:
   open. A local Ray started by ``mtl-ray serve`` inherits the shell's environment; on a cluster,
   set it where the Ray nodes start, or in the Serve config's ``runtime_env.env_vars``.
 
-Where the model comes from: the driver (``run_server``) or the application builder
+Where the model comes from: the driver (``pipelines.serving.run_server``) or the application builder
 (``app_builder``) turns the model reference into a local directory with
 ``mtl.registry.local_artifact`` and passes that path to the replicas. A replica on a node where
 that path does not exist downloads the model itself from the reference (``models:/...`` or
@@ -477,6 +477,21 @@ class MultiTaskPredictor:
         return [(a, served.version) for a in answers]
 
 
+# What a replica needs in its environment when a caller sets any variables (the caller's win):
+# offline Hugging Face, no tokenizer thread pools beside Serve's, no usage stats.
+REPLICA_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "RAY_USAGE_STATS_ENABLED": "0",
+}
+
+
+def replica_env() -> dict[str, str]:
+    """``REPLICA_ENV``, each value taken from this process's environment when set there."""
+    return {k: os.environ.get(k, v) for k, v in REPLICA_ENV.items()}
+
+
 def deployment_options(spec: ServeSpec, env: dict[str, str] | None = None) -> dict[str, Any]:
     """``.options()`` of the deployment from the config's ``serve:`` section."""
     if spec.min_replicas > spec.max_replicas:
@@ -487,9 +502,7 @@ def deployment_options(spec: ServeSpec, env: dict[str, str] | None = None) -> di
         raise ValueError("serve.backend onnx runs on CPU only; set serve.num_gpus to 0 or serve.backend to torch")
     actor: dict[str, Any] = {"num_cpus": spec.num_cpus, "num_gpus": spec.num_gpus}
     if env:
-        from pipelines.ray_utils import runtime_env
-
-        actor["runtime_env"] = {"env_vars": {**runtime_env()["env_vars"], **env}}
+        actor["runtime_env"] = {"env_vars": {**replica_env(), **env}}
     return {
         "max_ongoing_requests": spec.max_ongoing_requests,
         "autoscaling_config": {
@@ -526,7 +539,8 @@ def resolve_model(model: str, tracking_uri: str | None) -> tuple[Path, str | Non
     return local_artifact(pinned(model, version), tracking_uri), version
 
 
-def _default_tracking_uri(cfg: RunConfig | None) -> str:
+def default_tracking_uri(cfg: RunConfig | None) -> str:
+    """The config's tracking URI, else ``$MLFLOW_TRACKING_URI``, else MLflow's default here."""
     if cfg is not None:
         return cfg.mlflow.tracking_uri
     return os.environ.get("MLFLOW_TRACKING_URI") or MlflowSpec().tracking_uri
@@ -540,7 +554,7 @@ def builder_settings(args: dict[str, Any]) -> tuple[str, str | None, ServeSpec]:
         raise ValueError("app_builder: args.model is required (artifact directory or models:/<name>@<alias>)")
     config = args.pop("config", None)
     cfg = load_config(config) if config else None
-    tracking_uri = args.pop("tracking_uri", None) or _default_tracking_uri(cfg)
+    tracking_uri = args.pop("tracking_uri", None) or default_tracking_uri(cfg)
     overrides = {**(args.pop("serve", None) or {}), **args}
     base = (cfg.serve if cfg else ServeSpec()).model_dump()
     unknown = sorted(set(overrides) - set(base))
@@ -578,35 +592,3 @@ def http_options(spec: ServeSpec) -> dict[str, Any]:
     if spec.request_timeout_s is not None:
         opts["request_timeout_s"] = spec.request_timeout_s
     return opts
-
-
-def run_server(model: str, cfg: RunConfig | None = None, host: str | None = None, port: int | None = None,
-               quantize: bool | None = None, tracking_uri: str | None = None, blocking: bool = True) -> str:
-    """Serve ``model`` (artifact directory, models:/ or runs:/ URI) on Ray Serve; returns the base URL.
-    With ``blocking``, waits until Ctrl-C, then deletes the application."""
-    from pipelines.ray_utils import init_ray
-
-    spec = serve_spec(cfg, host, port, quantize)
-    tracking_uri = tracking_uri or _default_tracking_uri(cfg)
-    model_dir, version = resolve_model(model, tracking_uri)
-    ray = init_ray()
-    serve.start(http_options=http_options(spec))
-    serve.run(build_app(str(model_dir), spec, model_name=model, tracking_uri=tracking_uri, version=version),
-              name=APP_NAME, route_prefix="/")
-    url = f"http://{spec.host}:{spec.port}"
-    print(f"mtl-ray: serving {model} at {url}  (POST {url}/v1/predict, GET {url}/v1/tasks, "
-          f"{url}/healthz, docs {url}/docs)", flush=True)
-    print(f"  curl -s {url}/v1/predict -H 'content-type: application/json' "
-          "-d '{\"texts\": [\"book a flight from boston to denver\"]}'", flush=True)
-    if not blocking:
-        return url
-    try:
-        while True:
-            time.sleep(1.0)
-    except KeyboardInterrupt:
-        print("mtl-ray: stopping", flush=True)
-        serve.delete(APP_NAME)
-        if os.environ.get("RAY_ADDRESS", "local") in ("", "local"):  # the local Ray init_ray started
-            serve.shutdown()
-            ray.shutdown()
-    return url

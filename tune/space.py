@@ -73,21 +73,11 @@ def search_space(cfg) -> dict[str, Any]:
 
 
 def check_space(cfg) -> None:
-    """Fail before Ray on a space the trainer cannot run."""
-    tc = cfg.train
-    lo, hi = cfg.tune.space.lr
-    if lo > hi:
-        raise ValueError(f"tune.space.lr: lower bound {lo} is above the upper bound {hi}")
-    for b in cfg.tune.space.batch_size or []:
-        if b % (tc.num_workers * tc.grad_accum):
-            raise ValueError(f"tune.space.batch_size: {b} is not a multiple of train.num_workers × "
-                             f"train.grad_accum ({tc.num_workers} × {tc.grad_accum})")
-    for w in cfg.tune.space.warmup_ratio or []:
-        if not 0 <= w < 1:
-            raise ValueError(f"tune.space.warmup_ratio: {w} is not in [0, 1)")
-    for t in cfg.tune.space.temperature or []:
-        if t <= 0:
-            raise ValueError(f"tune.space.temperature: {t} is not positive")
+    """Fail before Ray on a space the trainer cannot run (the config gate's ``tune.space`` rules,
+    again for a config changed in code)."""
+    from mtl.config import check_config
+
+    check_config(cfg)
 
 
 def trial_params(config: Mapping[str, Any], tasks: Sequence[str]) -> dict[str, Any]:

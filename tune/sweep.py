@@ -1,40 +1,40 @@
-"""The Ray Tune sweep: learning rate and per-task loss weights over the same multi-task trainer.
+"""The Ray Tune sweep over whatever trainer factory it is handed: learning rate and per-task loss
+weights, ASHA, one MLflow child run per trial. It knows nothing of how a trial trains or of what
+is published afterwards (``pipelines.tuning`` hands it the trainer and publishes the winner).
 
-    mtl-ray tune --config configs/quick.yaml             # a sweep; the winner is registered as champion
-    mtl-ray tune --config configs/quick.yaml --resume    # continue the latest interrupted sweep
+    from tune.sweep import run_sweep
+    result = run_sweep(cfg, trainer_factory)      # a SweepResult: the best trial, its checkpoint, the table
 
-Each trial is a function trainable that builds and fits a ``TorchTrainer`` (``pipelines.train``)
-with ``TuneReportCallback``, so every validation of the training loop is one Tune iteration and
-ASHA can stop weak trials after ``grace_period`` evaluations. Trials are compared on the unweighted
-validation ``objective`` (the loss weights change the loss's scale, not the objective's).
+Each trial is a function trainable that asks ``trainer_factory(TrialSpec)`` for a Ray Train trainer
+(a ``TorchTrainer``) and fits it with ``TuneReportCallback``, so every validation of the training
+loop is one Tune iteration and ASHA can stop weak trials after ``grace_period`` evaluations. Trials
+are compared on the unweighted validation ``objective`` (the loss weights change the loss's scale,
+not the objective's).
 
 MLflow: one parent run for the sweep (``mtl_ray.stage=sweep``) and one child run per trial
-(``mtl_ray.stage=trial``, ``mlflow.parentRunId``) holding the trial's parameters and, logged by
-rank 0 of its training workers, the per-task curves. The trial closes its own run when its fit ends;
+(``mtl_ray.stage=trial``, ``mlflow.parentRunId``) holding the trial's parameters and whatever the
+trainer logs into it (``TrialSpec.mlflow_run_id``). The trial closes its own run when its fit ends;
 a trial that ASHA stops is killed mid-fit, so a driver-side Tune callback closes its run (KILLED),
-and the driver closes anything still open after ``fit``. After the sweep, the best trial's best
-checkpoint is copied to ``<sweep dir>/model``, evaluated on the test sets and logged on the parent
-(summary table CSV, plot, best params, test reports, model card, the pyfunc model), then registered
-with the alias ``champion``.
+and the driver closes anything still open after ``fit``. The parent gets the trial table (CSV),
+the plot and the best parameters, and is closed (FINISHED) before ``run_sweep`` returns.
 
 Outputs go under ``output_dir/name/sweep-<time>/``: ``trials/`` (Tune's experiment, restorable),
 ``train/`` (each trial's Ray Train run and checkpoints), ``starts/`` (one marker per trial start),
-``model/``, ``sweep_table.csv``, ``sweep.png``, ``summary.json``.
+``sweep_table.csv``, ``sweep.png``.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mtl.config import RunConfig, TuneSpec
+from mtl.config import RunConfig, TuneSpec, check_config
 from tune.space import (
     OPTIONAL,
-    check_space,
     derive_max_concurrent,
     equal_weights_config,
     max_t,
@@ -48,10 +48,60 @@ EXPERIMENT = "trials"  # Tune's experiment folder inside the sweep dir
 EQUAL_EXPERIMENT = "equal"  # the optional equal-weights trial
 STAGE_SWEEP, STAGE_TRIAL, STAGE_EQUAL = "sweep", "trial", "equal_weights"
 TAG_STAGE, TAG_TRIAL = "mtl_ray.stage", "mtl_ray.trial_id"
+CHECKPOINT_PATH = "checkpoint_path"  # the metric TuneReportCallback fills with the Train checkpoint's path
 
 
 class SweepInterrupted(RuntimeError):
     """The sweep stopped before every trial finished (Ctrl-C); ``--resume`` continues it."""
+
+
+@dataclass(frozen=True)
+class TrialSpec:
+    """What a trainer factory gets for one trial (in the trial's process)."""
+
+    cfg: RunConfig  # the run config, paths absolute (a trial runs in its own working directory)
+    params: dict[str, Any]  # lr, task_weights (when searched) and the optional knobs this trial samples
+    mlflow_run_id: str | None  # the trial's MLflow child run, for the trainer's curves; None without MLflow
+    run_name: str  # the Ray Train run's name, unique per trial attempt
+    storage_path: str  # where Ray Train keeps this trial's runs and checkpoints
+    callbacks: list = field(default_factory=list)  # Ray Train callbacks the trainer must carry
+
+
+# Builds the trial's Ray Train trainer (anything with ``fit()``, e.g. a TorchTrainer); it is sent to
+# the trial processes, so it must pickle (a module-level function or a small object holding data refs).
+TrainerFactory = Callable[[TrialSpec], Any]
+
+
+@dataclass
+class SweepResult:
+    """The sweep's outcome: the best trial and where its best checkpoint lies, and the trial table."""
+
+    sweep_dir: Path
+    best: dict[str, Any]  # trial_id, lr, task_weights, optional knobs, objective, best_step, iterations
+    best_checkpoint: str  # the best trial's best Ray Train checkpoint (a directory, local or remote)
+    best_metrics: dict[str, Any]  # the validation metrics reported with that checkpoint
+    table: Any  # pandas DataFrame, one row per trial (params, objective, iterations, val/ metrics, ...)
+    parent_run_id: str | None  # the MLflow parent run (closed), or None without MLflow
+    max_t: int  # ASHA's budget in evaluations
+    max_concurrent_trials: int
+    equal_weights: dict[str, Any] | None = None  # with tune.compare_equal: the λ = 1 trial's objective
+    wall_s: float = 0.0
+
+    @property
+    def trials(self) -> int:
+        return len(self.table)
+
+    @property
+    def stopped_early(self) -> int:
+        return int(self.table["stopped_early"].sum())
+
+    @property
+    def errors(self) -> int:
+        return int(self.table["error"].sum())
+
+    def shown_table(self):
+        """The table without paths (what the CSV holds)."""
+        return self.table.drop(columns=[CHECKPOINT_PATH, "trial_dir"])
 
 
 # ---------------------------------------------------------------------------- trial side
@@ -90,7 +140,7 @@ def _child_run(cfg: RunConfig, parent_run_id: str, trial_id: str, run_name: str,
     the earlier attempt's run is deleted and a fresh one holds this attempt's curves."""
     from mlflow.tracking import MlflowClient
 
-    from pipelines import tracking
+    from mtl import tracking
 
     tracking.setup(cfg)
     client = MlflowClient()
@@ -105,14 +155,12 @@ def _child_run(cfg: RunConfig, parent_run_id: str, trial_id: str, run_name: str,
                               extra_params={f"trial.{k}": v for k, v in flat.items()})
 
 
-def mtl_trial(config: dict[str, Any], *, cfg_dict: dict[str, Any], data: dict[str, Any],
-           parent_run_id: str | None, sweep_dir: str, stage: str = STAGE_TRIAL) -> None:
-    """Tune's function trainable: one TorchTrainer fit with this trial's hyperparameters; every
-    validation the workers report reaches Tune through ``TuneReportCallback``."""
+def sweep_trial(config: dict[str, Any], *, trainer_factory: TrainerFactory, cfg_dict: dict[str, Any],
+                parent_run_id: str | None, sweep_dir: str, stage: str = STAGE_TRIAL) -> None:
+    """Tune's function trainable: the factory's trainer for this trial's hyperparameters, fitted;
+    every validation the workers report reaches Tune through ``TuneReportCallback``."""
     from ray import tune as ray_tune
     from ray.tune.integration.ray_train import TuneReportCallback
-
-    from pipelines.train import build_trainer, make_loop_config, train_datasets
 
     cfg = RunConfig.model_validate(cfg_dict)
     ctx = ray_tune.get_context()
@@ -123,9 +171,9 @@ def mtl_trial(config: dict[str, Any], *, cfg_dict: dict[str, Any], data: dict[st
     if parent_run_id:
         run_id = _child_run(cfg, parent_run_id, trial_id, f"{Path(sweep_dir).name}/{ctx.get_trial_name()}",
                             params, attempt, stage)
-    loop_config = make_loop_config(cfg, data, run_id, **params)
-    trainer = build_trainer(cfg, loop_config, train_datasets(cfg, data), run_name=f"{trial_id}-{attempt}",
-                            storage_path=str(Path(sweep_dir) / "train"), callbacks=[TuneReportCallback()])
+    trainer = trainer_factory(TrialSpec(cfg=cfg, params=params, mlflow_run_id=run_id,
+                                        run_name=f"{trial_id}-{attempt}", storage_path=str(Path(sweep_dir) / "train"),
+                                        callbacks=[TuneReportCallback()]))
     try:
         trainer.fit()
     except BaseException:
@@ -173,9 +221,11 @@ def _close_runs(uri: str | None, parent_run_id: str, status: str = "KILLED", tri
 def reap_orphan_placement_groups() -> int:
     """Remove this job's placement groups whose creating actor is dead; returns how many.
 
-    A stopped trial's actor is killed and its Train controller with it, but the controller's
-    worker placement group lives as long as the job (Ray's lifetime rule for non-detached groups).
-    Ray Train's own ``PlacementGroupCleaner`` should remove it, yet it finds the cluster through
+    Workaround of a Ray bug: a stopped trial's actor is killed and its Train controller with it,
+    but the controller's worker placement group lives as long as the job (Ray's lifetime rule for
+    non-detached groups; Tune + Train V2, see ray-project/ray#58515, which added Train's
+    ``PlacementGroupCleaner`` for it, and #62753, a race that still orphans groups).
+    That cleaner should remove it, yet it finds the cluster through
     the State API without an address, which fails when several Ray instances run on one machine
     ("Found multiple active Ray instances"); the group then holds its CPUs for the rest of the sweep
     and later trials wait forever. Groups the driver made (Tune's trial groups) have no creating
@@ -255,10 +305,10 @@ def _sweep_dir(cfg: RunConfig, resume: bool) -> Path:
     return path
 
 
-def _trial_config(cfg: RunConfig) -> RunConfig:
+def trial_config(cfg: RunConfig) -> RunConfig:
     """The config trials get: paths made absolute (Tune runs a trial in its own working directory)."""
     from mtl.packages import resolve_encoder
-    from pipelines.tracking import absolute_tracking_uri
+    from mtl.tracking import absolute_tracking_uri
 
     out = cfg.model_copy(deep=True)
     out.mlflow.tracking_uri = absolute_tracking_uri(cfg.mlflow.tracking_uri)
@@ -267,24 +317,32 @@ def _trial_config(cfg: RunConfig) -> RunConfig:
     return out
 
 
+def _use_gpu(cfg: RunConfig) -> bool:
+    """``train.use_gpu: auto`` -> GPUs when the connected cluster has any (what the trainer decides too)."""
+    import ray
+
+    if cfg.train.use_gpu == "auto":
+        return ray.cluster_resources().get("GPU", 0) >= 1
+    return bool(cfg.train.use_gpu)
+
+
 def concurrency(cfg: RunConfig) -> int:
     """``tune.max_concurrent``, or as many trials as the cluster fits (``derive_max_concurrent``)."""
     import ray
-
-    from pipelines.train import resolve_use_gpu
 
     spec = cfg.tune or TuneSpec()
     if spec.max_concurrent:
         return spec.max_concurrent
     res = ray.cluster_resources()
     return derive_max_concurrent(res.get("CPU", 1), cfg.train.num_workers, cfg.train.cpus_per_worker,
-                                 TRIAL_CPUS, res.get("GPU", 0), resolve_use_gpu(cfg))
+                                 TRIAL_CPUS, res.get("GPU", 0), _use_gpu(cfg))
 
 
-def _trainable(trial_cfg: RunConfig, data, parent_run_id, sweep_dir: Path, stage: str):
+def _trainable(trial_cfg: RunConfig, trainer_factory: TrainerFactory, parent_run_id, sweep_dir: Path, stage: str):
     from ray import tune as ray_tune
 
-    fn = ray_tune.with_parameters(mtl_trial, cfg_dict=trial_cfg.to_dict(), data=data,
+    # with_parameters puts the factory (and the data it holds) in the object store once
+    fn = ray_tune.with_parameters(sweep_trial, trainer_factory=trainer_factory, cfg_dict=trial_cfg.to_dict(),
                                   parent_run_id=parent_run_id, sweep_dir=str(sweep_dir), stage=stage)
     return ray_tune.with_resources(fn, {"cpu": TRIAL_CPUS})
 
@@ -345,55 +403,58 @@ def _fit(tuner, experiment_path: Path, uri: str | None, parent_run_id: str | Non
         except Exception:
             pass
         if parent_run_id:
-            _close_runs(uri, parent_run_id)
-            from pipelines.tracking import end_run
+            from mtl.tracking import end_run
 
+            _close_runs(uri, parent_run_id)
             end_run(parent_run_id, "KILLED")
         raise SweepInterrupted(f"{len(left)} of {len(grid)} trials did not finish; "
                                f"continue with `mtl-ray tune --config ... --resume`")
     return grid
 
 
-def _trial_rows(grid, tasks: list[str], max_steps: int, budget: int) -> list[dict[str, Any]]:
-    """One row per trial: params, best objective, iterations run, stopped early or not, and the
-    per-task validation metrics of its best evaluation."""
-    rows = []
-    for res in grid:
-        cfg = res.config or {}
-        params = trial_params(cfg, tasks) if "lr" in cfg else {}
-        df = res.metrics_dataframe
-        last = res.metrics or {}
-        row: dict[str, Any] = {"trial_id": last.get("trial_id") or (df["trial_id"].iloc[-1] if df is not None and len(df) else None),
-                               "lr": params.get("lr")}
-        weights = params.get("task_weights") or {}
-        for t in tasks:
-            row[f"lambda/{t}"] = weights.get(t, float("nan"))
-        for k in OPTIONAL:
-            if k in params:
-                row[k] = params[k]
-        if df is not None and METRIC in df and df[METRIC].notna().any():
-            best = df.loc[df[METRIC].idxmax()]
-            row.update({"objective": float(best[METRIC]), "best_step": int(best.get("step", -1)),
-                        "final_objective": float(df[METRIC].iloc[-1]),
-                        "checkpoint_path": best.get("checkpoint_path")})
-            iterations = int(df["training_iteration"].max())
-        else:
-            best = None
-            row.update({"objective": float("nan"), "best_step": None, "final_objective": float("nan"),
-                        "checkpoint_path": None})
-            iterations = 0
-        row["iterations"] = iterations
-        row["steps"] = int(last.get("step", 0) or 0)
-        row["error"] = res.error is not None
-        row["stopped_early"] = (not row["error"]) and not ran_full_budget(last, max_steps) and iterations < budget
-        row["patience_stop"] = bool(last.get("stopped_early", 0))
-        if best is not None:
-            for col in df.columns:
-                if col.startswith("val/"):
-                    row[col] = float(best[col])
-        row["trial_dir"] = res.path
-        rows.append(row)
-    return rows
+def _trial_row(res, tasks: list[str], max_steps: int, budget: int) -> dict[str, Any]:
+    """One trial's row: params, best objective (and the checkpoint reported with it), iterations
+    run, stopped early or not, and the per-task validation metrics of its best evaluation."""
+    params = trial_params(res.config, tasks) if "lr" in (res.config or {}) else {}
+    df, last = res.metrics_dataframe, res.metrics or {}
+    row: dict[str, Any] = {"trial_id": last.get("trial_id") or (df["trial_id"].iloc[-1] if df is not None and len(df) else None),
+                           "lr": params.get("lr")}
+    weights = params.get("task_weights") or {}
+    row.update({f"lambda/{t}": weights.get(t, float("nan")) for t in tasks})
+    row.update({k: params[k] for k in OPTIONAL if k in params})
+    best = None
+    if df is not None and METRIC in df and df[METRIC].notna().any():
+        best = df.loc[df[METRIC].idxmax()]
+    row.update({"objective": float(best[METRIC]) if best is not None else float("nan"),
+                "best_step": int(best.get("step", -1)) if best is not None else None,
+                "final_objective": float(df[METRIC].iloc[-1]) if best is not None else float("nan"),
+                CHECKPOINT_PATH: best.get(CHECKPOINT_PATH) if best is not None else None})
+    iterations = int(df["training_iteration"].max()) if best is not None else 0
+    row["iterations"] = iterations
+    row["steps"] = int(last.get("step", 0) or 0)
+    row["error"] = res.error is not None
+    row["stopped_early"] = (not row["error"]) and not ran_full_budget(last, max_steps) and iterations < budget
+    row["patience_stop"] = bool(last.get("stopped_early", 0))
+    if best is not None:
+        row.update({c: float(best[c]) for c in df.columns if c.startswith("val/")})
+    row["trial_dir"] = res.path
+    return row
+
+
+def _best(grid, table, tasks: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(best trial summary, the metrics reported with its best checkpoint), by Tune's own pick:
+    the trial whose best-ever objective is highest (``get_best_result(scope="all")``).
+
+    The trial reports no Tune checkpoint (``TuneReportCallback`` passes the Ray Train checkpoint's
+    path as the metric ``checkpoint_path``), so ``Result.get_best_checkpoint`` has nothing to
+    return; the path comes from the best objective's row of the trial's results."""
+    res = grid.get_best_result(metric=METRIC, mode=MODE, scope="all")
+    df = res.metrics_dataframe
+    best_metrics = df.loc[df[METRIC].idxmax()].dropna().to_dict()
+    row = table.set_index("trial_dir").loc[res.path]
+    best = {"trial_id": row["trial_id"], **trial_params(res.config, tasks), "objective": float(row["objective"]),
+            "best_step": int(row["best_step"]), "iterations": int(row["iterations"])}
+    return best, best_metrics
 
 
 def _plot(table, tasks: list[str], path: Path) -> Path:
@@ -430,19 +491,8 @@ def _plot(table, tasks: list[str], path: Path) -> Path:
     return path
 
 
-def _copy_model(checkpoint_path: str, dest: Path) -> Path:
-    from ray.train import Checkpoint
-
-    from pipelines.train import MODEL_DIR
-
-    shutil.rmtree(dest, ignore_errors=True)
-    with Checkpoint(checkpoint_path).as_directory() as d:
-        shutil.copytree(Path(d) / MODEL_DIR, dest)
-    return dest
-
-
 def _open_parent(cfg: RunConfig, sweep_dir: Path, resume: bool, extra_params: dict[str, Any]) -> str | None:
-    from pipelines import tracking
+    from mtl import tracking
 
     if not cfg.mlflow.enabled:
         return None
@@ -460,168 +510,128 @@ def _open_parent(cfg: RunConfig, sweep_dir: Path, resume: bool, extra_params: di
     return run_id
 
 
-def run_sweep(cfg: RunConfig, resume: bool = False, data: dict[str, Any] | None = None,
-              callbacks: list | None = None) -> dict[str, Any]:
-    """Sweep -> best trial -> test sets -> MLflow parent run -> registered ``champion``.
+def _log_parent(parent: str, result: SweepResult, csv_path: Path, png_path: Path) -> None:
+    """The sweep's own record on the parent run: table, plot, best parameters and objective."""
+    from mlflow.entities import Metric, Param
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    client.log_artifact(parent, str(csv_path), "sweep")
+    client.log_artifact(parent, str(png_path), "sweep")
+    best, equal = result.best, result.equal_weights
+    best_flat = {"best.trial_id": best["trial_id"], "best.lr": best["lr"],
+                 **{f"best.lambda.{t}": round(w, 6) for t, w in (best.get("task_weights") or {}).items()},
+                 **{f"best.{k}": best[k] for k in OPTIONAL if k in best}}
+    existing = client.get_run(parent).data.params
+    new_params = [Param(k, str(v)) for k, v in best_flat.items() if k not in existing]
+    if new_params:
+        client.log_batch(parent, params=new_params)
+    metrics = {"best_objective": best["objective"], "trials": result.trials, "stopped_early": result.stopped_early,
+               "sweep_wall_s": result.wall_s}
+    if equal:
+        metrics.update({"equal_weights_objective": equal["objective"],
+                        "best_minus_equal_objective": equal["best_minus_equal"]})
+    now = int(time.time() * 1000)
+    client.log_batch(parent, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
+
+
+def run_sweep(cfg: RunConfig, trainer_factory: TrainerFactory, resume: bool = False,
+              callbacks: list | None = None) -> SweepResult:
+    """Sweep ``cfg.tune``'s space over the trainers ``trainer_factory`` builds; Ray must be running.
 
     ``resume`` restores the latest sweep of this config's name (finished trials are kept, unfinished
-    ones restart); ``callbacks`` are extra Tune callbacks. Returns ``best`` (params and objective),
-    ``test_metrics``, ``model_uri``, ``registered_version``, ``parent_run_id``, ``sweep_dir``,
-    ``table`` (a DataFrame, one row per trial), ``wall_s``, ``trials``, ``stopped_early``, and
-    ``equal_weights`` (the equal-weights trial's objective, with ``tune.compare_equal``; else None)."""
-    from pipelines import tracking
-    from pipelines.data import read_tasks
-    from pipelines.ray_utils import init_ray
-    from pipelines.train import check_train_config
+    ones restart); ``callbacks`` are extra Tune callbacks. With MLflow, the parent run is closed
+    (FINISHED) when this returns; publishing the winner is the caller's."""
+    from mtl.tracking import absolute_tracking_uri, end_run
 
     t0 = time.time()
     if cfg.tune is None:
         cfg = cfg.model_copy(update={"tune": TuneSpec()})
-    check_train_config(cfg)
-    check_space(cfg)
-    data = data or read_tasks(cfg)  # fails before Ray on bad data
-    init_ray()
+    check_config(cfg)
     sweep_dir = _sweep_dir(cfg, resume)
     sweep_dir.mkdir(parents=True, exist_ok=True)
     spec = cfg.tune
     budget = max_t(cfg.train.max_steps, cfg.train.eval_every)
     n_concurrent = concurrency(cfg)
-    uri = tracking.absolute_tracking_uri(cfg.mlflow.tracking_uri)
+    uri = absolute_tracking_uri(cfg.mlflow.tracking_uri)
     parent = _open_parent(cfg, sweep_dir, resume, {
         "tune.max_t": budget, "tune.max_concurrent_trials": n_concurrent, "tune.trial_cpus": TRIAL_CPUS})
     print(f"[tune] {cfg.name}: {spec.num_samples} trials ({spec.search} search, ASHA max_t {budget}, "
           f"grace {spec.grace_period}, η {spec.reduction_factor}), {n_concurrent} at a time; outputs in {sweep_dir}",
           flush=True)
     try:
-        summary = _sweep(cfg, data, sweep_dir, parent, uri, budget, n_concurrent, callbacks, resume, t0)
+        result = _sweep(cfg, trainer_factory, sweep_dir, parent, uri, budget, n_concurrent, callbacks, resume)
+        result.wall_s = round(time.time() - t0, 1)
+        if parent:
+            _log_parent(parent, result, sweep_dir / "sweep_table.csv", sweep_dir / "sweep.png")
+            end_run(parent)
     except SweepInterrupted:
         raise
     except BaseException:
         if parent:  # nothing stays RUNNING: open trial runs were cut short, the sweep failed
             _close_runs(uri, parent, "KILLED")
-            tracking.end_run(parent, "FAILED")
+            end_run(parent, "FAILED")
         raise
-    return summary
+    _print_result(result)
+    return result
 
 
-def _sweep(cfg: RunConfig, data: dict[str, Any], sweep_dir: Path, parent: str | None, uri: str, budget: int,
-           n_concurrent: int, callbacks: list | None, resume: bool, t0: float) -> dict[str, Any]:
+def _sweep(cfg: RunConfig, trainer_factory: TrainerFactory, sweep_dir: Path, parent: str | None, uri: str,
+           budget: int, n_concurrent: int, callbacks: list | None, resume: bool) -> SweepResult:
     import pandas as pd
 
-    from pipelines import tracking
-    from pipelines.train import evaluate_test
-
-    spec = cfg.tune
     tasks = cfg.task_names
-    trial_cfg = _trial_config(cfg)
+    trial_cfg = trial_config(cfg)
     all_callbacks = [_run_closer(uri, parent, cfg.train.max_steps)] + list(callbacks or [])
-    tuner = _tuner(cfg, _trainable(trial_cfg, data, parent, sweep_dir, STAGE_TRIAL), sweep_dir,
+    tuner = _tuner(cfg, _trainable(trial_cfg, trainer_factory, parent, sweep_dir, STAGE_TRIAL), sweep_dir,
                    all_callbacks, resume, max_concurrent=n_concurrent)
     grid = _fit(tuner, sweep_dir / EXPERIMENT, uri, parent)
     if parent:
         _close_runs(uri, parent)  # anything a killed trial left open
     reap_orphan_placement_groups()
-    table = pd.DataFrame(_trial_rows(grid, tasks, cfg.train.max_steps, budget))
+    table = pd.DataFrame([_trial_row(r, tasks, cfg.train.max_steps, budget) for r in grid])
     if not table["objective"].notna().any():
         raise RuntimeError(f"no trial reported an objective; see {sweep_dir / EXPERIMENT}")
-    best_row = table.loc[table["objective"].idxmax()]
-    best_res = next(r for r in grid if r.path == best_row["trial_dir"])
-    best_params = trial_params(best_res.config, tasks)
-    best = {"trial_id": best_row["trial_id"], **best_params, "objective": float(best_row["objective"]),
-            "best_step": int(best_row["best_step"]), "iterations": int(best_row["iterations"])}
+    best, best_metrics = _best(grid, table, tasks)
     print(f"[tune] best trial {best['trial_id']}: objective {best['objective']:.4f} at step {best['best_step']}, "
           f"lr {best['lr']:.3g}" + "".join(f", λ {t} {w:.2f}" for t, w in (best.get("task_weights") or {}).items()),
           flush=True)
-
-    # Equal weights at the best lr, full budget (tune.compare_equal).
     equal = None
-    if spec.compare_equal and len(tasks) > 1:
-        eq_cfg = equal_weights_config(best_res.config, tasks)
-        eq_tuner = _tuner(cfg, _trainable(trial_cfg, data, parent, sweep_dir, STAGE_EQUAL), sweep_dir,
-                          all_callbacks, resume, name=EQUAL_EXPERIMENT, param_space=eq_cfg, num_samples=1,
-                          asha=False)
-        eq_grid = _fit(eq_tuner, sweep_dir / EQUAL_EXPERIMENT, uri, parent)
-        eq_rows = _trial_rows(eq_grid, tasks, cfg.train.max_steps, budget)
-        if eq_rows and eq_rows[0]["objective"] == eq_rows[0]["objective"]:
-            equal = {"trial_id": eq_rows[0]["trial_id"], "lr": eq_rows[0]["lr"],
-                     "objective": eq_rows[0]["objective"], "best_step": int(eq_rows[0]["best_step"]),
-                     "best_minus_equal": best["objective"] - eq_rows[0]["objective"]}
-            print(f"[tune] equal weights at lr {equal['lr']:.3g}: objective {equal['objective']:.4f} "
-                  f"(best tuned {best['objective']:.4f}, difference {equal['best_minus_equal']:+.4f})", flush=True)
+    if cfg.tune.compare_equal and len(tasks) > 1:
+        best_config = grid.get_best_result(metric=METRIC, mode=MODE, scope="all").config
+        equal = _compare_equal(cfg, trial_cfg, trainer_factory, best_config, best, sweep_dir, parent, uri,
+                               all_callbacks, resume, budget)
+    result = SweepResult(sweep_dir=sweep_dir, best=best, best_checkpoint=best_metrics[CHECKPOINT_PATH],
+                         best_metrics=best_metrics, table=table, parent_run_id=parent, max_t=budget,
+                         max_concurrent_trials=n_concurrent, equal_weights=equal)
+    result.shown_table().to_csv(sweep_dir / "sweep_table.csv", index=False)
+    _plot(table, tasks, sweep_dir / "sweep.png")
+    return result
 
-    # The winner: best checkpoint -> model dir -> test sets.
-    model_dir = _copy_model(best_row["checkpoint_path"], sweep_dir / "model")
-    test = evaluate_test(cfg, model_dir, data)
-    test_metrics = {t: r["metrics"] for t, r in test.items()}
-    shown = table.drop(columns=["checkpoint_path", "trial_dir"])
-    csv_path = sweep_dir / "sweep_table.csv"
-    shown.to_csv(csv_path, index=False)
-    png_path = _plot(table, tasks, sweep_dir / "sweep.png")
-    n_stopped = int(table["stopped_early"].sum())
 
-    summary: dict[str, Any] = {
-        "best": best, "test_metrics": test_metrics, "model_uri": None, "registered_version": None,
-        "parent_run_id": parent, "sweep_dir": str(sweep_dir), "trials": len(table), "stopped_early": n_stopped,
-        "errors": int(table["error"].sum()), "max_t": budget, "max_concurrent_trials": n_concurrent,
-        "equal_weights": equal,
-    }
-    if parent:
-        from mlflow.tracking import MlflowClient
+def _compare_equal(cfg: RunConfig, trial_cfg: RunConfig, trainer_factory: TrainerFactory,
+                   best_config: dict[str, Any], best: dict[str, Any], sweep_dir: Path, parent: str | None,
+                   uri: str, callbacks: list, resume: bool, budget: int) -> dict[str, Any] | None:
+    """One full-budget trial with every λ = 1 at the best trial's lr (``tune.compare_equal``)."""
+    tasks = cfg.task_names
+    eq_tuner = _tuner(cfg, _trainable(trial_cfg, trainer_factory, parent, sweep_dir, STAGE_EQUAL), sweep_dir,
+                      callbacks, resume, name=EQUAL_EXPERIMENT, param_space=equal_weights_config(best_config, tasks),
+                      num_samples=1, asha=False)
+    eq_grid = _fit(eq_tuner, sweep_dir / EQUAL_EXPERIMENT, uri, parent)
+    row = _trial_row(eq_grid[0], tasks, cfg.train.max_steps, budget)
+    if row["objective"] != row["objective"]:  # NaN: the trial reported nothing
+        return None
+    equal = {"trial_id": row["trial_id"], "lr": row["lr"], "objective": row["objective"],
+             "best_step": int(row["best_step"]), "best_minus_equal": best["objective"] - row["objective"]}
+    print(f"[tune] equal weights at lr {equal['lr']:.3g}: objective {equal['objective']:.4f} "
+          f"(best tuned {best['objective']:.4f}, difference {equal['best_minus_equal']:+.4f})", flush=True)
+    return equal
 
-        client = MlflowClient()
-        client.log_artifact(parent, str(csv_path), "sweep")
-        client.log_artifact(parent, str(png_path), "sweep")
-        best_flat = {"best.trial_id": best["trial_id"], "best.lr": best["lr"],
-                     **{f"best.lambda.{t}": round(w, 6) for t, w in (best.get("task_weights") or {}).items()},
-                     **{f"best.{k}": best[k] for k in OPTIONAL if k in best}}
-        from mlflow.entities import Metric, Param
 
-        existing = client.get_run(parent).data.params
-        new_params = [Param(k, str(v)) for k, v in best_flat.items() if k not in existing]
-        if new_params:
-            client.log_batch(parent, params=new_params)
-        now = int(time.time() * 1000)
-        metrics = {"best_objective": best["objective"], "trials": len(table), "stopped_early": n_stopped}
-        if equal:
-            metrics.update({"equal_weights_objective": equal["objective"],
-                            "best_minus_equal_objective": equal["best_minus_equal"]})
-        client.log_batch(parent, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
-        tracking.log_test_results(parent, test)
-        sizes = {t: {s: len(d.splits[s]) for s in d.splits} for t, d in data.items()}
-        card_extra = {"sweep": f"{len(table)} trials ({spec.search} search, ASHA stopped {n_stopped})",
-                      "best trial": best["trial_id"], "best validation objective": f"{best['objective']:.4f}",
-                      "learning rate": f"{best['lr']:.3g}"}
-        for t, w in (best.get("task_weights") or {}).items():
-            card_extra[f"loss weight λ {t}"] = f"{w:.3f}"
-        if equal:
-            card_extra["equal weights (λ = 1) validation objective"] = f"{equal['objective']:.4f}"
-        client.log_text(parent, tracking.model_card(cfg, test, sizes, card_extra), "model_card.md")
-        summary["model_uri"] = tracking.log_model(parent, model_dir)
-        version = tracking.register(summary["model_uri"], cfg.mlflow.registered_model, test,
-                                    description=f"Best of sweep {sweep_dir.name}: trial {best['trial_id']}, "
-                                                f"validation objective {best['objective']:.4f}")
-        summary["registered_version"] = version
-        best_child = find_child_runs(client, parent, best["trial_id"], STAGE_TRIAL)
-        version_tags = {"mtl_ray.trial_id": best["trial_id"], "mtl_ray.sweep": sweep_dir.name,
-                        "mtl_ray.validation_objective": f"{best['objective']:.6f}"}
-        if best_child:
-            version_tags["mtl_ray.trial_run_id"] = best_child[0].info.run_id
-            best["mlflow_run_id"] = best_child[0].info.run_id
-        for k, v in version_tags.items():
-            client.set_model_version_tag(cfg.mlflow.registered_model, version, k, v)
-    summary["wall_s"] = round(time.time() - t0, 1)
-    if parent:
-        from mlflow.tracking import MlflowClient
-
-        MlflowClient().log_metric(parent, "wall_s", summary["wall_s"])
-        tracking.log_summary(parent, summary)
-        tracking.end_run(parent)
-    (sweep_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-    summary["table"] = shown
+def _print_result(result: SweepResult) -> None:
+    shown = result.shown_table()
     brief = ["trial_id", "lr", *[c for c in shown.columns if c.startswith("lambda/")],
              *[k for k in OPTIONAL if k in shown.columns], "objective", "best_step", "iterations", "stopped_early"]
     print(shown[brief].to_string(index=False, float_format=lambda v: f"{v:.4g}"), flush=True)
-    print(f"[tune] done in {summary['wall_s']}s: {len(table)} trials, {n_stopped} stopped early by ASHA; "
-          "test: " + ", ".join(f"{t} " + " ".join(f"{k}={v:.4f}" for k, v in m.items())
-                               for t, m in test_metrics.items()), flush=True)
-    return summary
+    print(f"[tune] done in {result.wall_s}s: {result.trials} trials, {result.stopped_early} stopped early by ASHA; "
+          f"best checkpoint {result.best_checkpoint}", flush=True)

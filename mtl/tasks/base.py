@@ -49,6 +49,7 @@ class TaskKind(ABC):
 
     name: ClassVar[str]
     primary_metric: ClassVar[str]
+    metric_names: ClassVar[tuple[str, ...]]  # the keys ``metrics()`` returns (what train.objective may name)
     label_dtype: ClassVar[Any] = np.int64
 
     def __init__(self, labels: list[str]):

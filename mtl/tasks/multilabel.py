@@ -20,6 +20,7 @@ THRESHOLD = 0.5  # sigmoid probability above which a label is predicted
 class MultiLabelClassification(TaskKind):
     name = "multi_label"
     primary_metric = "micro_f1"
+    metric_names = ("micro_f1", "macro_f1", "subset_accuracy")
     label_dtype = np.float32
 
     def build_head(self, hidden, dropout, pooling):

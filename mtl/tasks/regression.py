@@ -13,6 +13,7 @@ from mtl.tasks.base import SentenceHead, TaskKind
 class Regression(TaskKind):
     name = "regression"
     primary_metric = "pearson"
+    metric_names = ("mse", "pearson")
     label_dtype = np.float32
 
     def __init__(self, labels: list[str] | None = None):

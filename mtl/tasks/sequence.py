@@ -15,6 +15,7 @@ from mtl.tasks.metrics import confusion_matrix, per_label_prf
 class SequenceClassification(TaskKind):
     name = "sequence_classification"
     primary_metric = "accuracy"
+    metric_names = ("accuracy", "macro_f1")
 
     def build_head(self, hidden, dropout, pooling):
         return SentenceHead(hidden, self.num_outputs, dropout, pooling)

@@ -45,6 +45,7 @@ def bio_spans(tags: list[str]) -> list[tuple[str, int, int]]:
 class TokenClassification(TaskKind):
     name = "token_classification"
     primary_metric = "f1"
+    metric_names = ("precision", "recall", "f1")
 
     def build_head(self, hidden, dropout, pooling):
         return TokenHead(hidden, self.num_outputs, dropout)

@@ -186,12 +186,107 @@ def test_no_tasks(tmp_path):
 def test_bad_objective(objective):
     with pytest.raises(ConfigError) as err:
         load_config(QUICK, [f"train.objective={objective}"])
-    assert str(QUICK) in str(err.value)
-    assert f"train.objective '{objective}'" in str(err.value)
+    assert str(err.value).startswith(f"{QUICK}: train.objective: '{objective}': use 'mean' or '<task>.<metric>'")
 
 
-def test_good_objective():
-    assert load_config(QUICK, ["train.objective=slots.f1"]).train.objective == "slots.f1"
+@pytest.mark.parametrize("objective, message", [
+    ("intent.f1_typo", "task 'intent' (sequence_classification) has no metric 'f1_typo'; use one of accuracy, macro_f1"),
+    ("slots.accuracy", "task 'slots' (token_classification) has no metric 'accuracy'; use one of precision, recall, f1"),
+])
+def test_objective_metric_must_exist_for_the_task_kind(objective, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(QUICK, [f"train.objective={objective}"])
+    assert str(err.value) == f"{QUICK}: train.objective: '{objective}': {message}, or 'mean'"
+
+
+@pytest.mark.parametrize("objective", ["mean", "slots.f1", "intent.accuracy", "topic.macro_f1", "slots.recall"])
+def test_good_objective(objective):
+    assert load_config(QUICK, [f"train.objective={objective}"]).train.objective == objective
+
+
+def test_every_kinds_metric_names_are_what_its_metrics_return():
+    """The names the objective check accepts are the keys the kind's ``metrics()`` really reports."""
+    from mtl.tasks import KINDS
+
+    samples = {"sequence_classification": ([0, 1], [0, 0]), "token_classification": ([["O", "B-x"]], [["O", "B-x"]]),
+               "multi_label": ([[0, 1]], [[1, 1]]), "regression": ([0.1, 0.5, 0.2], [0.0, 1.0, 0.3])}
+    for name, cls in KINDS.items():
+        kind = cls(["x", "y"] if name != "token_classification" else ["O", "B-x", "I-x"])
+        if name == "regression":
+            kind = cls([])
+        assert tuple(kind.metrics(*samples[name])) == cls.metric_names, name
+        assert cls.primary_metric in cls.metric_names
+
+
+def _rule_errors(tmp_path, **sections) -> list[str]:
+    """Load the quick config with ``sections`` merged in; the error's lines (none when it loads)."""
+    raw = yaml.safe_load(QUICK.read_text())
+    for key, value in sections.items():
+        raw[key] = [{**t, **value.get(t["name"], {})} for t in raw["tasks"]] if key == "tasks" else {**(raw.get(key) or {}), **value}
+    path = write(tmp_path, raw)
+    try:
+        load_config(path)
+    except ConfigError as err:
+        return [line.removeprefix(f"{path}: ") for line in str(err).splitlines()]
+    return []
+
+
+@pytest.mark.parametrize("train, field", [
+    ({"comm_hook": "fp16", "num_workers": 1}, "train.comm_hook: 'fp16' compresses the all-reduce between workers"),
+    ({"comm_hook": "bf16", "num_workers": 2, "strategy": "fsdp"}, "train.comm_hook: 'bf16' is a DDP gradient hook"),
+])
+def test_comm_hook_needs_ddp_with_several_workers(tmp_path, train, field):
+    errors = _rule_errors(tmp_path, train=train)
+    assert len(errors) == 1 and errors[0].startswith(field)
+
+
+def test_comm_hook_with_ddp_workers_loads(tmp_path):
+    assert _rule_errors(tmp_path, train={"comm_hook": "fp16", "num_workers": 2}) == []
+
+
+def test_uncertainty_weighting_refuses_static_and_tuned_weights(tmp_path):
+    errors = _rule_errors(tmp_path, train={"weighting": "uncertainty"}, tasks={"slots": {"weight": 2.0}})
+    assert [e.split(":")[0] for e in errors] == ["tasks.1.weight", "tune.space.task_weights"]
+    assert "uncertainty learns the task weights" in errors[0]
+    assert "override λ, so a λ search has no effect" in errors[1]
+    assert _rule_errors(tmp_path, train={"weighting": "uncertainty"}, tune={"space": {"task_weights": False}}) == []
+
+
+@pytest.mark.parametrize("train, field", [
+    ({"grad_accum": 2}, "train.grad_accum"),
+    ({"precision": "fp16"}, "train.precision"),
+    ({"strategy": "fsdp"}, "train.strategy"),
+    ({"sampling": "round_robin"}, "train.sampling"),
+])
+def test_pcgrad_limits(tmp_path, train, field):
+    errors = _rule_errors(tmp_path, train={"weighting": "pcgrad", "sampling": "joint", **train})
+    assert len(errors) == 1 and errors[0].startswith(f"{field}: train.weighting: pcgrad "), errors
+
+
+def test_pcgrad_with_joint_ddp_loads(tmp_path):
+    assert _rule_errors(tmp_path, train={"weighting": "pcgrad", "sampling": "joint", "precision": "bf16"}) == []
+
+
+def test_batch_size_must_split_over_workers_and_accumulation(tmp_path):
+    errors = _rule_errors(tmp_path, train={"batch_size": 10, "num_workers": 2, "grad_accum": 2})
+    assert errors == ["train.batch_size: 10 must be a multiple of train.num_workers × train.grad_accum (2 × 2)"]
+
+
+def test_search_space_rules_name_their_field(tmp_path):
+    errors = _rule_errors(tmp_path, train={"num_workers": 2},
+                          tune={"space": {"lr": [1e-3, 1e-5], "batch_size": [16, 9],
+                                                    "warmup_ratio": [0.1, 1.5], "temperature": [0.0]}})
+    assert [e.split(":")[0] for e in errors] == ["tune.space.lr", "tune.space.batch_size",
+                                                 "tune.space.warmup_ratio", "tune.space.temperature"]
+
+
+def test_rules_also_guard_a_config_changed_in_code():
+    from mtl.config import check_config
+
+    cfg = load_config(QUICK)
+    bad = cfg.model_copy(update={"train": cfg.train.model_copy(update={"comm_hook": "fp16"})})
+    with pytest.raises(ConfigError, match="<config>: train.comm_hook: "):
+        check_config(bad)
 
 
 @pytest.mark.parametrize("source, field", [

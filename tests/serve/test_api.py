@@ -164,22 +164,6 @@ def test_app_builder_binds_without_ray(tiny_artifact):
         app_builder({"model": str(tiny_artifact / "nope")})
 
 
-def test_run_server_wiring(monkeypatch, tiny_artifact):
-    """run_server's calls to Ray (no Ray here): the CLI's None values mean the config's."""
-    import pipelines.ray_utils
-    import serve.app as sa
-
-    calls = {}
-    monkeypatch.setattr(pipelines.ray_utils, "init_ray", lambda *a, **k: calls.setdefault("init", True))
-    monkeypatch.setattr(sa.serve, "start", lambda **kw: calls.__setitem__("start", kw))
-    monkeypatch.setattr(sa.serve, "run", lambda app, **kw: calls.__setitem__("run", kw))
-    url = sa.run_server(str(tiny_artifact), None, host=None, port=9123, quantize=None, tracking_uri=None,
-                        blocking=False)
-    assert url == "http://127.0.0.1:9123"
-    assert calls["start"] == {"http_options": {"host": "127.0.0.1", "port": 9123, "request_timeout_s": 30.0}}
-    assert calls["run"] == {"name": "mtl-ray", "route_prefix": "/"}
-
-
 def test_a_bad_text_fails_only_its_own_request_in_a_batch(tiny_artifact, predictor, poisoned_model):
     """One request's text breaks the batched pass: only that request fails (422 naming its own
     text index); every other request of the batch gets the answer it gets alone."""

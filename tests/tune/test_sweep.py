@@ -1,6 +1,8 @@
-"""tune/sweep.py on a real local Ray and MLflow on SQLite, with the tiny encoder and two ATIS tasks:
-ASHA stops weak trials, one MLflow child run per trial (none left RUNNING), the champion is the best
-trial, and an interrupted sweep resumes without running its finished trials again."""
+"""tune/sweep.py on a real local Ray and MLflow on SQLite, with the tiny encoder and two ATIS tasks,
+driven the way ``mtl-ray tune`` drives it (``pipelines.tuning.run_tune``: this project's trainer
+factory, then publishing): ASHA stops weak trials, one MLflow child run per trial (none left
+RUNNING), the champion is the best trial, an interrupted sweep resumes without running its finished
+trials again, and an Optuna search runs."""
 
 from __future__ import annotations
 
@@ -54,11 +56,11 @@ def _runs(client, cfg, stage: str | None = None):
 
 @pytest.fixture(scope="module")
 def sweep(ray_session, tiny_encoder, tmp_path_factory):
-    from tune.sweep import run_sweep
+    from pipelines.tuning import run_tune
 
     tmp = tmp_path_factory.mktemp("sweep")
     cfg = small_config(tmp, tiny_encoder, "sweep-test")
-    return cfg, run_sweep(cfg)
+    return cfg, run_tune(cfg)
 
 
 def test_asha_stopped_a_trial_before_the_budget(sweep):
@@ -131,8 +133,23 @@ def test_champion_is_the_best_trial(sweep):
     assert parent.data.metrics["best_objective"] == pytest.approx(best_by_run[winner])
     assert set(out["test_metrics"]) == {"intent", "slots"}
     assert parent.data.metrics["test/intent/accuracy"] == pytest.approx(out["test_metrics"]["intent"]["accuracy"])
-    # the copied model is the best checkpoint: its manifest's validation step is the best step
-    assert (Path(out["sweep_dir"]) / "model").is_dir()
+    # the copied model is the best checkpoint: its manifest holds the config's tasks with the data's
+    # labels, and the step and validation metrics of the best trial's best evaluation
+    import json
+
+    from pipelines.data import read_tasks, task_infos
+
+    manifest = json.loads((Path(out["model_dir"]) / "manifest.json").read_text())
+    infos = {i.name: i for i in task_infos(cfg, read_tasks(cfg))}
+    assert [(t["name"], t["kind"]) for t in manifest["tasks"]] == [("intent", "sequence_classification"),
+                                                                    ("slots", "token_classification")]
+    for t in manifest["tasks"]:
+        assert t["labels"] == infos[t["name"]].labels and len(t["labels"]) > 1
+    assert "O" in manifest["tasks"][1]["labels"]
+    assert manifest["step"] == out["best"]["best_step"]
+    best_row = out["table"].set_index("trial_id").loc[out["best"]["trial_id"]]
+    assert manifest["validation"]["intent"]["accuracy"] == pytest.approx(best_row["val/intent/accuracy"])
+    assert manifest["validation"]["slots"]["f1"] == pytest.approx(best_row["val/slots/f1"])
 
 
 def test_parent_holds_the_table_plot_and_model(sweep):
@@ -173,16 +190,36 @@ def _interrupt_after_first_trial(marker: Path):
     return Interrupt()
 
 
+def _held_back(inner, marker: Path):
+    """A trainer factory around ``inner`` that holds the second trial's first attempt back until
+    ``marker`` exists (the first trial finished and the driver got Ctrl-C): the order in which the
+    trials finish is fixed, whatever the machine's speed. A local class, so Ray pickles it by value."""
+    import time
+
+    class HeldBack:
+        def __call__(self, trial):
+            if trial.run_name.endswith("_00001-1"):  # trial 1, attempt 1
+                while not marker.exists():
+                    time.sleep(0.2)
+            return inner(trial)
+
+    return HeldBack()
+
+
 def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(ray_session, tiny_encoder, tmp_path):
     import pandas as pd
 
+    from pipelines.data import read_tasks
+    from pipelines.tuning import TrialTrainer, run_tune
     from tune.sweep import SweepInterrupted, run_sweep
 
     cfg = small_config(tmp_path, tiny_encoder, "resume-test",
                        tune={"num_samples": 2, "max_concurrent": 2, "compare_equal": True},
                        train={"max_steps": 6})
+    marker = tmp_path / "interrupted"
     with pytest.raises(SweepInterrupted):
-        run_sweep(cfg, callbacks=[_interrupt_after_first_trial(tmp_path / "interrupted")])
+        run_sweep(cfg, _held_back(TrialTrainer(read_tasks(cfg)), marker),
+                  callbacks=[_interrupt_after_first_trial(marker)])
     sweep_dirs = list((tmp_path / "runs" / "resume-test").glob("sweep-*"))
     assert len(sweep_dirs) == 1
     starts = sweep_dirs[0] / "starts"
@@ -194,10 +231,10 @@ def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(ray_sess
     analysis = ExperimentAnalysis(str(sweep_dirs[0] / "trials"))
     before = {t.trial_id: (t.status, dict(t.last_result)) for t in analysis.trials}
     done = [tid for tid, (status, _) in before.items() if status == "TERMINATED"]
-    assert len(before) == 2 and done == [(tmp_path / "interrupted").read_text()]
+    assert len(before) == 2 and done == [marker.read_text()] and done[0].endswith("_00000")
     best_before = analysis.trial_dataframes[done[0]]["objective"].max()
 
-    out = run_sweep(cfg, resume=True)
+    out = run_tune(cfg, resume=True)
     assert out["sweep_dir"] == str(sweep_dirs[0]) and out["trials"] == 2
     after = {d.name: sorted(p.name for p in d.iterdir()) for d in starts.iterdir()}
     table = out["table"].set_index("trial_id")
@@ -222,3 +259,33 @@ def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(ray_sess
     assert float(eq_run.data.params["trial.lambda.slots"]) == pytest.approx(1.0)
     assert eq["best_minus_equal"] == pytest.approx(out["best"]["objective"] - eq["objective"])
     assert isinstance(out["table"], pd.DataFrame)
+
+
+def test_an_optuna_sweep_of_two_trials_runs(ray_session, tiny_encoder, tmp_path):
+    """``tune.search: optuna`` through tune.sweep itself, with this project's trainer factory and
+    MLflow off: two short trials, a typed result pointing at the best trial's checkpoint."""
+    from ray.train import Checkpoint
+
+    from mtl.model import read_manifest
+    from pipelines.data import read_tasks
+    from pipelines.tuning import TrialTrainer
+    from tune.sweep import SweepResult, run_sweep
+
+    cfg = small_config(tmp_path, tiny_encoder, "optuna-test",
+                       tune={"num_samples": 2, "max_concurrent": 2, "search": "optuna"},
+                       train={"max_steps": 4})
+    cfg.mlflow.enabled = False
+    result = run_sweep(cfg, TrialTrainer(read_tasks(cfg)))
+    assert isinstance(result, SweepResult) and result.parent_run_id is None
+    table = result.table
+    assert result.trials == len(table) == 2 and result.errors == 0 and table["objective"].notna().all()
+    assert table["lr"].between(1e-4, 5e-2).all() and table["lr"].nunique() == 2
+    assert result.best["objective"] == pytest.approx(table["objective"].max())
+    # the search really was Optuna's: Tune saved its searcher with the experiment
+    states = list((result.sweep_dir / "trials").glob("searcher-state-*"))
+    assert states and b"optuna" in states[0].read_bytes().lower()
+    # the best checkpoint is the one reported with the best objective, and holds the artifact
+    assert result.best_metrics["objective"] == pytest.approx(result.best["objective"])
+    with Checkpoint(result.best_checkpoint).as_directory() as d:
+        manifest = read_manifest(Path(d) / "model")
+    assert manifest["step"] == result.best["best_step"] == result.best_metrics["step"]

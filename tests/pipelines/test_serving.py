@@ -1,0 +1,78 @@
+"""pipelines.serving.run_server and pipelines.run's choice of what to serve (no Ray here: its calls
+are replaced)."""
+
+from __future__ import annotations
+
+import pytest
+
+from mtl.config import ConfigError, config_from_dict
+
+
+def _cfg(mlflow_enabled: bool = True, tune: bool = False):
+    raw = {"tasks": [{"name": "t", "kind": "sequence_classification", "source": {"type": "bbc"}}],
+           "mlflow": {"enabled": mlflow_enabled, "registered_model": "m"}}
+    if tune:
+        raw["tune"] = {"num_samples": 2}
+    return config_from_dict(raw)
+
+
+def test_run_server_wiring(monkeypatch, tiny_artifact):
+    """run_server's calls to Ray: the CLI's None values mean the config's."""
+    from ray import serve
+
+    import pipelines.ray_utils
+    from pipelines.serving import run_server
+
+    calls = {}
+    monkeypatch.setattr(pipelines.ray_utils, "init_ray", lambda *a, **k: calls.setdefault("init", True))
+    monkeypatch.setattr(serve, "start", lambda **kw: calls.__setitem__("start", kw))
+    monkeypatch.setattr(serve, "run", lambda app, **kw: calls.__setitem__("run", kw))
+    url = run_server(str(tiny_artifact), None, host=None, port=9123, quantize=None, tracking_uri=None,
+                     blocking=False)
+    assert url == "http://127.0.0.1:9123" and calls["init"]
+    assert calls["start"] == {"http_options": {"host": "127.0.0.1", "port": 9123, "request_timeout_s": 30.0}}
+    assert calls["run"] == {"name": "mtl-ray", "route_prefix": "/"}
+
+
+@pytest.mark.parametrize("model", ["models:/m@champion", "runs:/abc/model"])
+def test_serving_an_mlflow_model_with_mlflow_disabled_is_a_config_error(model):
+    from pipelines.serving import run_server
+
+    with pytest.raises(ConfigError, match=r"^mlflow\.enabled: false, but the model"):
+        run_server(model, _cfg(mlflow_enabled=False), blocking=False)
+
+
+@pytest.mark.parametrize("tune", [False, True])
+def test_run_with_mlflow_disabled_prints_and_serves_the_model_dir(monkeypatch, capsys, tmp_path, tune):
+    """Bug: `mtl-ray run --serve` with MLflow disabled printed and served models:/...@champion,
+    which was never registered."""
+    import pipelines.data
+    import pipelines.ray_utils
+    import pipelines.run as run
+    import pipelines.serving
+    import pipelines.train
+    import pipelines.tuning
+
+    model_dir = str(tmp_path / "model")
+    trained = {"test_metrics": {"t": {"accuracy": 0.5}}, "model_dir": model_dir, "run_dir": str(tmp_path),
+               "mlflow_run_id": None}  # what run_training / run_tune return without MLflow
+    served = {}
+    monkeypatch.setattr(pipelines.data, "read_tasks", lambda cfg: {})
+    monkeypatch.setattr(pipelines.data, "summarize", lambda cfg, data: "")
+    monkeypatch.setattr(pipelines.ray_utils, "init_ray", lambda *a, **k: None)
+    monkeypatch.setattr(pipelines.train, "run_training", lambda cfg, **kw: dict(trained))
+    monkeypatch.setattr(pipelines.tuning, "run_tune", lambda cfg, **kw: {**trained, "registered_version": None})
+    monkeypatch.setattr(pipelines.serving, "run_server", lambda model, cfg, **kw: served.setdefault("model", model) and "http://x")
+    monkeypatch.setattr(run, "sample_request", lambda url, texts: {})
+    monkeypatch.setattr(run, "_block_until_interrupt", lambda: None)
+    summary = run.run_pipeline(_cfg(mlflow_enabled=False, tune=tune), serve=True)
+    out = capsys.readouterr().out
+    assert summary["champion"] == served["model"] == model_dir
+    assert "models:/" not in out and f"{model_dir} (MLflow disabled: not registered)" in out
+
+
+def test_champion_reference_is_the_alias_once_registered():
+    from pipelines.run import champion_reference
+
+    assert champion_reference(_cfg(), {"registered_version": "3", "model_dir": "/x"}) == "models:/m@champion"
+    assert champion_reference(_cfg(False), {"registered_version": None, "model_dir": "/x"}) == "/x"
