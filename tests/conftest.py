@@ -15,6 +15,20 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def pytest_addoption(parser):
+    parser.addoption("--run-venv", action="store_true",
+                     help="also run the tests that build a fresh virtual environment (minutes)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--run-venv"):
+        return
+    skip = pytest.mark.skip(reason="builds a fresh virtual environment (minutes): pytest --run-venv")
+    for item in items:
+        if "venv" in item.keywords:
+            item.add_marker(skip)
+
+
 def build_tiny_encoder(path: Path, seed: int = 0, dropout: float = 0.1) -> Path:
     """A BERT with hidden 32, 2 layers, 2 heads, intermediate 64 and the MiniLM tokenizer,
     saved with save_pretrained (about 1 M parameters, mostly the embedding table)."""

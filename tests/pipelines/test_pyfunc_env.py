@@ -21,7 +21,9 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.slow
+# Opt-in (``pytest --run-venv tests/pipelines/test_pyfunc_env.py``; .ci/run runs it after the
+# suite): building the environment on a fresh machine takes minutes, more than the suite's budget.
+pytestmark = [pytest.mark.slow, pytest.mark.venv]
 
 LOAD = """
 import importlib.util, json, sys
