@@ -74,6 +74,9 @@ class Callback:
     """Hooks the engine calls on every rank, in list order. Collectives inside a hook must be
     called by every rank; rank-0-only work checks ``engine.rank``."""
 
+    def on_fit_start(self, engine: Engine) -> None:
+        """Before the first step of ``fit`` (after any ``load_state_dict``)."""
+
     def on_step_end(self, engine: Engine, step: int) -> None:
         """After optimizer step ``step`` (1-based); ``engine.last_losses`` holds its per-task losses."""
 
@@ -347,6 +350,8 @@ class Engine:
         self.module.train()
         self._examples_at_start, self.train_s = self.examples, 0.0
         last = None
+        for cb in self.callbacks:
+            cb.on_fit_start(self)
         while self.step < c.max_steps:
             self.train_step()
             for cb in self.callbacks:

@@ -128,10 +128,3 @@ def test_pcgrad_projects_conflicting_gradients_only():
     h1, h2 = torch.tensor([1.0, 0.0]), torch.tensor([1.0, 1.0])  # agreeing: plain sum
     assert pcgrad_combine([h1, h2]).tolist() == pytest.approx([2.0, 1.0])
 
-
-def test_lr_schedule_warms_up_then_decays_linearly():
-    from pipelines.train import lr_lambda
-
-    f = lr_lambda(warmup=4, total=12)
-    assert [f(s) for s in range(4)] == pytest.approx([0.25, 0.5, 0.75, 1.0])
-    assert f(4) == pytest.approx(1.0) and f(8) == pytest.approx(0.5) and f(12) == 0.0
