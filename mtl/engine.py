@@ -272,10 +272,9 @@ class Engine:
             offset += n
         return losses
 
-    def train_step(self) -> dict[str, float]:
-        """One optimizer step: gradients, clipping, AdamW, schedule. Returns per-task losses."""
-        t0 = time.perf_counter()
-        losses = self.compute_gradients()
+    def apply_gradients(self, losses: dict[str, float]) -> None:
+        """Clip, AdamW (through the GradScaler when there is one), advance the schedule and the
+        step; ``losses`` (from ``compute_gradients``) join the evaluation window."""
         if self.config.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.config.max_grad_norm)
         if self.scaler:
@@ -288,6 +287,12 @@ class Engine:
         for t, v in losses.items():
             self._window[t].append(v)
         self.last_losses = losses
+
+    def train_step(self) -> dict[str, float]:
+        """One optimizer step: gradients, clipping, AdamW, schedule. Returns per-task losses."""
+        t0 = time.perf_counter()
+        losses = self.compute_gradients()
+        self.apply_gradients(losses)
         self.train_s += time.perf_counter() - t0
         return losses
 
