@@ -9,8 +9,8 @@ Each worker materialises its tasks' tokenized rows from Ray Data (``get_dataset_
 the model (from the encoder, or from the checkpoint being resumed), wraps it (DDP through
 ``prepare_model``, or FSDP2) and hands everything to the ``Engine``, which knows nothing of Ray.
 Two callbacks connect it back: ``ReportToRay`` checkpoints (artifact + engine state) through
-``ray.train.report`` at every evaluation, and ``ProgressLog`` writes rank 0's MLflow curves and
-progress lines. The driver side (best checkpoint, test sets, MLflow, card) is ``pipelines.publish``.
+``ray.train.report`` at every evaluation, and ``ProgressLog`` (``pipelines.progress``) writes
+rank 0's MLflow curves and progress lines. The driver side (best checkpoint, test sets, MLflow, card) is ``pipelines.publish``.
 """
 
 from __future__ import annotations
@@ -29,12 +29,9 @@ from mtl.config import RunConfig
 from mtl.engine import Callback, Engine, EngineConfig
 from mtl.model import MultiTaskModel, TaskInfo
 from mtl.readers import TaskData
+from pipelines.progress import MlflowWriter, ProgressLog
 from pipelines.publish import MODEL_DIR, RunResult, best_checkpoint, evaluate_test  # noqa: F401 (re-exported)
 from pipelines.ray_utils import resolve_use_gpu  # noqa: F401 (re-exported for tune/sweep.py)
-
-# Worker progress goes through logging, not print: Ray Train V2 patches print on workers and tees it
-# (once to its logger, once to the wrapped stdout), so every printed line reached the driver twice.
-log = logging.getLogger("mtl.train")
 
 TRAIN_STATE = "train_state.pt"
 EVAL_SPLITS = ("train", "validation")  # what workers load; the test pass runs after fit
@@ -65,78 +62,6 @@ class LoopConfig:
         return EngineConfig.from_train(self.cfg.train, task_weights=weights, lr=self.lr, head_lr=self.head_lr,
                                        warmup_ratio=self.warmup_ratio, batch_size=self.batch_size,
                                        temperature=self.temperature)
-
-
-class _Mlflow:
-    """Rank 0's MLflow writer for a run the driver created (no-op without a run id)."""
-
-    def __init__(self, uri: str | None, run_id: str | None):
-        self.client, self.run_id = None, run_id
-        if uri and run_id:
-            from mlflow.tracking import MlflowClient
-
-            self.client = MlflowClient(tracking_uri=uri)
-
-    def log(self, metrics: dict[str, float], step: int) -> None:
-        if self.client is None:
-            return
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if np.isfinite(v)]
-        for i in range(0, len(batch), 900):
-            self.client.log_batch(self.run_id, metrics=batch[i:i + 900])
-
-
-class ProgressLog(Callback):
-    """A training-curve point every ``log_every`` steps and at each evaluation: the mean loss per
-    task since the previous point (averaged over workers: every rank takes part), lr and recent
-    throughput; at evaluations, the evaluation's metrics. MLflow and log lines on rank 0 only."""
-
-    def __init__(self, tracker: _Mlflow, log_every: int | None):
-        self.tracker, self.log_every = tracker, log_every
-        self.window: dict[str, list[float]] = {}
-        self.logged: set[str] = set()  # keys of this step's point, not logged again by the evaluation
-        self.t0 = self.t_last = time.time()
-        self.ex_last = 0
-
-    def on_fit_start(self, engine: Engine) -> None:
-        self.t0 = self.t_last = time.time()
-        self.ex_last = engine.examples
-
-    def on_step_end(self, engine: Engine, step: int) -> None:
-        from mtl.distributed import all_mean
-
-        for t, v in engine.last_losses.items():
-            self.window.setdefault(t, []).append(v)
-        c = engine.config
-        at_eval = step % c.eval_every == 0 or step == c.max_steps
-        self.logged = set()
-        if not self.log_every or not (step % self.log_every == 0 or at_eval):
-            return
-        seen = [t for t in engine.names if self.window.get(t)]
-        means = all_mean([float(np.mean(self.window[t])) for t in seen], engine.device)
-        point = {"lr": engine.scheduler.get_last_lr()[0],
-                 "train/samples_per_s": (engine.examples - self.ex_last) / max(time.time() - self.t_last, 1e-9),
-                 **{f"train/loss/{t}": v for t, v in zip(seen, means)}}
-        if engine.rank == 0:
-            self.tracker.log(point, step)
-            if not at_eval:
-                log.info(f"[train] step {step}/{c.max_steps} loss " + " ".join(f"{t}:{v:.4f}" for t, v in zip(seen, means))
-                         + f" | {point['train/samples_per_s']:.1f} samples/s, {time.time() - self.t0:.0f}s")
-        self.window, self.logged = {}, set(point)
-        self.t_last, self.ex_last = time.time(), engine.examples
-
-    def on_evaluate(self, engine: Engine, step: int, metrics: dict[str, Any]) -> None:
-        if engine.rank == 0:
-            scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
-            self.tracker.log({k: v for k, v in scalars.items() if k not in self.logged}, step)
-            val = metrics["validation"]
-            log.info(f"[train] step {step}/{engine.config.max_steps} objective {metrics['objective']:.4f} "
-                     f"(best {engine.best_objective:.4f} @ {engine.best_step}) "
-                     + " ".join(f"{t}:{val[t][engine.kinds[t].primary_metric]:.3f}" for t in engine.names)
-                     + f" | {metrics['samples_per_s']:.1f} samples/s, {time.time() - self.t0:.0f}s")
-        self.t_last = time.time()  # throughput counts training steps, not evaluation or checkpoints
 
 
 class ReportToRay(Callback):
@@ -203,7 +128,7 @@ def train_loop_per_worker(loop: LoopConfig) -> list[dict[str, float]] | None:
         def wrap(m):
             return ray.train.torch.prepare_model(m, parallel_strategy_kwargs={"find_unused_parameters": False})
     rank = ray.train.get_context().get_world_rank()
-    tracker = _Mlflow(loop.mlflow_uri, loop.mlflow_run_id) if rank == 0 else _Mlflow(None, None)
+    tracker = MlflowWriter(loop.mlflow_uri, loop.mlflow_run_id) if rank == 0 else MlflowWriter(None, None)
     callbacks = [ReportToRay(loop.tokenizer_dir), ProgressLog(tracker, tc.log_every), *loop.callbacks]
     engine = Engine(model, data, loop.engine_config(), device=device, wrap=wrap, callbacks=callbacks)
     if state:
