@@ -147,6 +147,9 @@ def check_config(config: EngineConfig, world: int) -> None:
                          f"({world} × {config.grad_accum})")
     if config.weighting == "pcgrad" and config.sampling != "joint":
         raise ValueError("weighting=pcgrad needs sampling=joint (it projects the tasks of one step)")
+    if config.weighting == "pcgrad" and config.comm_hook != "none":
+        raise ValueError(f"comm_hook={config.comm_hook!r} has no effect with weighting=pcgrad: PCGrad "
+                         "all-reduces its per-task gradients itself, outside DDP's hooks")
     if config.precision not in ("fp32", "bf16", "fp16"):
         raise ValueError(f"precision {config.precision!r}: use fp32, bf16 or fp16")
 
@@ -187,7 +190,7 @@ class Engine:
         self.consumed = {t: 0 for t in self.names}
         self.best_objective, self.best_step, self.bad_evals = -math.inf, -1, 0
         self.examples = 0  # training rows seen, all ranks
-        self.train_s = 0.0  # seconds in training steps since this process started
+        self.train_s = 0.0  # seconds in training steps during this fit
         self.history: list[dict[str, float]] = []  # one record of scalars per evaluation
         self.last_losses: dict[str, float] = {}
         self._window: dict[str, list[float]] = {t: [] for t in self.names}

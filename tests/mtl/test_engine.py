@@ -231,6 +231,8 @@ def test_rejects_what_it_cannot_honour(encoder, arrays):
         make_engine(encoder, arrays, ["sentiment"], batch_size=10, grad_accum=3)
     with pytest.raises(ValueError, match="pcgrad needs sampling=joint"):
         make_engine(encoder, arrays, ["sentiment"], weighting="pcgrad", sampling="round_robin")
+    with pytest.raises(ValueError, match="no effect with weighting=pcgrad"):
+        make_engine(encoder, arrays, ["sentiment"], weighting="pcgrad", comm_hook="fp16")
 
 
 def test_comm_hook_with_one_process_warns(encoder, arrays):
