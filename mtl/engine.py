@@ -375,8 +375,9 @@ class Engine:
     # ------------------------------------------------------------------ state
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything a resumed run needs (a collective under FSDP: every rank calls it). ``model``
-        and ``weighting`` are unsharded CPU tensors without the TrainModule prefix."""
+        """Everything a resumed run needs. ``model`` and ``weighting`` are unsharded CPU tensors
+        without the TrainModule prefix. Under FSDP every rank must call it (a collective) and only
+        rank 0's result is complete: save rank 0's and load that on every rank."""
         full = D.full_state(self.module)
         return {
             "model": {k[len("model."):]: v for k, v in full.items() if k.startswith("model.")},

@@ -307,8 +307,38 @@ def _ddp_worker(rank: int, world: int, init: str, encoder: str, arrays: dict, qu
         out["fsdp_hook"] = "accepted"
     except ValueError as err:
         out["fsdp_hook"] = str(err)
+    out.update(_fsdp_round_trip(Path(encoder), arrays))
     queue.put(out)
     dist.destroy_process_group()
+
+
+def _fsdp_round_trip(encoder: Path, arrays: dict) -> dict:
+    """FSDP2 with learned loss weights: 6 steps and an evaluation, then the state saved and loaded
+    into a fresh sharded engine, whole (``model`` included) and as a Ray resume does it (the model
+    from the artifact, the rest from the state); all three take the next step."""
+    from mtl.distributed import broadcast, shard_fsdp
+
+    def fsdp(m):
+        return shard_fsdp(m, torch.device("cpu"))
+
+    config = EngineConfig(max_steps=12, batch_size=16, lr=3e-3, warmup_ratio=0.1, eval_every=6, eval_batch_size=64,
+                          patience=None, sampling="round_robin", weighting="uncertainty", seed=7)
+    infos = [TASKS["sentiment"], TASKS["cities"]]
+    a = Engine(MultiTaskModel.from_encoder(encoder, infos, seed=7), arrays, config, wrap=fsdp)
+    for _ in range(6):
+        a.train_step()
+    a.end_window()
+    buf = io.BytesIO()
+    torch.save(a.state_dict(), buf)  # complete on rank 0 only (full state, CPU offload), as a checkpoint
+    state = torch.load(io.BytesIO(broadcast(buf.getvalue())), weights_only=True)
+    whole = Engine(MultiTaskModel.from_encoder(encoder, infos, seed=1), arrays, config, wrap=fsdp)
+    whole.load_state_dict(state)
+    model = MultiTaskModel.from_encoder(encoder, infos, seed=1)
+    model.load_state_dict(state.pop("model"))
+    resumed = Engine(model, arrays, config, wrap=fsdp)
+    resumed.load_state_dict(state)
+    return {"fsdp_window": a.history[0],
+            "fsdp_next": [e.train_step() for e in (a, whole, resumed)]}
 
 
 def test_two_gloo_processes_fp16_comm_hook_matches_fp32(encoder, arrays, tmp_path):
@@ -316,7 +346,9 @@ def test_two_gloo_processes_fp16_comm_hook_matches_fp32(encoder, arrays, tmp_pat
     all-reduce stays within 1e-3 relative of the fp32 one in both window losses (seen: 2e-6 to
     1.3e-5), and the fp32 run matches one process at the same global batch to 1e-3 for the
     sentence task (seen: 5e-5) and 2e-2 for the tagger (seen: 4e-3; its loss is a mean over each
-    rank's tokens, not the global batch's). FSDP with a comm hook is refused on both ranks."""
+    rank's tokens, not the global batch's). FSDP with a comm hook is refused on both ranks.
+    FSDP2 (uncertainty weighting) matches one process to the same tolerances and its state round
+    trip, whole or as a Ray resume loads it, takes the identical next step."""
     import torch.multiprocessing as mp
 
     small = {t: arrays[t] for t in ("sentiment", "cities")}
@@ -326,7 +358,7 @@ def test_two_gloo_processes_fp16_comm_hook_matches_fp32(encoder, arrays, tmp_pat
     procs = [ctx.Process(target=_ddp_worker, args=(r, 2, init, str(encoder), small, queue)) for r in range(2)]
     for p in procs:
         p.start()
-    results = sorted((queue.get(timeout=300) for _ in procs), key=lambda r: r["rank"])
+    results = sorted((queue.get(timeout=180) for _ in procs), key=lambda r: r["rank"])
     for p in procs:
         p.join(timeout=60)
         assert p.exitcode == 0
@@ -342,6 +374,16 @@ def test_two_gloo_processes_fp16_comm_hook_matches_fp32(encoder, arrays, tmp_pat
             assert fp16[key] == pytest.approx(fp32[key], rel=1e-3), key
             assert fp32[key] == pytest.approx(one[key], rel=tol), key
     assert "applies to DDP only" in r0["fsdp_hook"]
+    one = make_engine(encoder, arrays, ["sentiment", "cities"], max_steps=12, eval_every=6,
+                      sampling="round_robin", weighting="uncertainty")
+    for _ in range(6):
+        one.train_step()
+    window = one.end_window()
+    for task, tol in (("sentiment", 1e-3), ("cities", 2e-2)):
+        key = f"train/loss/{task}"
+        assert r0["fsdp_window"][key] == pytest.approx(window[key], rel=tol), key
+    trained, whole, resumed = r0["fsdp_next"]
+    assert whole == trained and resumed == trained
 
 
 def test_engine_module_has_no_ray_import():
