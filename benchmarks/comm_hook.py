@@ -3,8 +3,8 @@
     python -m benchmarks.comm_hook --quick     # 3 timed steps per mode
     python -m benchmarks.comm_hook             # 12 timed steps per mode
 
-Two processes (torch.multiprocessing, gloo on 127.0.0.1) train MiniLM's TrainModule under
-``DistributedDataParallel`` on the quick config's four tasks (round_robin, global batch 16, each rank
+Two processes (torch.multiprocessing, gloo on 127.0.0.1) train MiniLM with the trainer's engine
+(``mtl.engine.Engine``) under ``DistributedDataParallel`` on the quick config's four tasks (round_robin, global batch 16, each rank
 its half of the global batch, as the Ray Train workers do), once with the plain all-reduce hook and
 once with ``fp16_compress_hook`` (what ``train.comm_hook: fp16`` registers). A wrapper hook counts
 the bytes each rank hands to all-reduce per step: the bucket's nbytes for fp32, half of it for fp16
@@ -37,13 +37,10 @@ def _worker(rank: int, world: int, port: int, mode: str, job: dict, queue) -> No
     import torch
     import torch.distributed as dist
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
-    from torch.nn.parallel import DistributedDataParallel
 
-    from mtl.evaluation import trim
+    from mtl.distributed import wrap_ddp
+    from mtl.engine import Engine, EngineConfig
     from mtl.model import MultiTaskModel, TaskInfo
-    from mtl.sampling import BatchStream, TaskSampler
-    from mtl.weighting import LossWeighting
-    from pipelines.train import TrainModule, make_optimizer
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -51,8 +48,6 @@ def _worker(rank: int, world: int, port: int, mode: str, job: dict, queue) -> No
     infos = [TaskInfo(**t) for t in job["tasks"]]
     names = [i.name for i in infos]
     model = MultiTaskModel.from_encoder(job["encoder_dir"], infos, seed=13)
-    module = TrainModule(model, LossWeighting(names, "static", {n: 1.0 for n in names}))
-    ddp = DistributedDataParallel(module, find_unused_parameters=False)
     counter = {"bytes": 0, "buckets": 0}
 
     def counting_hook(state, bucket):
@@ -64,31 +59,25 @@ def _worker(rank: int, world: int, port: int, mode: str, job: dict, queue) -> No
         counter["bytes"] += buf.numel() * buf.element_size()
         return default_hooks.allreduce_hook(state, bucket)
 
-    ddp.register_comm_hook(None, counting_hook)
-    optimizer = make_optimizer(ddp, 1e-4, 1e-3, 0.01, torch.device("cpu"))
-    arrays = job["arrays"]
-    sizes = [len(arrays[t]["idx"]) for t in names]
-    sampler = TaskSampler(names, sizes, "round_robin", 2.0, 10_000, 13)
-    streams = {t: BatchStream(sizes[i], job["batch_size"], 13, i) for i, t in enumerate(names)}
-    consumed = {t: 0 for t in names}
+    def wrap(module):
+        ddp = wrap_ddp(module, torch.device("cpu"))
+        ddp.register_comm_hook(None, counting_hook)  # what comm_hook: fp16 registers, plus counting
+        return ddp
+
+    # the trainer's engine: round_robin, AdamW groups (1e-4 encoder, 1e-3 heads), clipping at 1.0
+    config = EngineConfig(max_steps=10_000, batch_size=job["batch_size"], lr=1e-4, head_lr=1e-3,
+                          warmup_ratio=0.0, sampling="round_robin", seed=13, task_weights={n: 1.0 for n in names})
+    engine = Engine(model, {t: {"train": job["arrays"][t]} for t in names}, config, wrap=wrap)
+    module = engine.raw
     step_times, step_bytes, losses = [], [], []
     for step in range(job["warmup"] + job["steps"]):
         counter["bytes"] = counter["buckets"] = 0
         t0 = time.perf_counter()
-        task = sampler.tasks_for_step(step)[0]
-        rows = streams[task].batch_indices(consumed[task])[rank::world]
-        consumed[task] += 1
-        ids, mask, labels = trim(*(torch.as_tensor(arrays[task][c][rows])
-                                   for c in ("input_ids", "attention_mask", "labels")))
-        optimizer.zero_grad(set_to_none=True)
-        total, _ = ddp({task: (ids, mask, labels)})
-        total.backward()
-        torch.nn.utils.clip_grad_norm_(ddp.parameters(), 1.0)
-        optimizer.step()
+        step_losses = engine.train_step()
         if step >= job["warmup"]:
             step_times.append(time.perf_counter() - t0)
             step_bytes.append(counter["bytes"])
-            losses.append(float(total.detach()))
+            losses.append(sum(step_losses.values()))
 
     # the wire alone: one all_reduce of every gradient element, fp32 and fp16
     n_grad = sum(p.numel() for p in module.parameters())

@@ -316,101 +316,54 @@ def tokenize_arrays(cfg, data: dict, splits: tuple[str, ...] = ("train", "valida
 
 
 class PlainLoop:
-    """``pipelines.train.train_loop_per_worker`` for one process (world 1, no Ray, no DDP): the same
-    TrainModule, static loss weighting, AdamW groups, warm-up/decay schedule, gradient clipping,
-    TaskSampler and BatchStream, so step k trains on the same rows as the Ray worker's step k."""
+    """The trainer's ``mtl.engine.Engine`` in this process (world 1, no Ray, no DDP), built from the
+    config as a Ray worker builds it, so step k trains on the same rows as the worker's step k.
+    Adds what the benchmarks count: tokens computed, real tokens and Σ batch × length²."""
 
     def __init__(self, cfg, infos, arrays: dict, encoder_dir: str, dev=None):
-        import torch
-
+        from mtl.engine import Engine, EngineConfig
         from mtl.model import MultiTaskModel
-        from mtl.sampling import BatchStream, TaskSampler
-        from mtl.weighting import LossWeighting
-        from pipelines.train import TrainModule, lr_lambda, make_optimizer
 
         tc = cfg.train
-        if tc.weighting == "pcgrad" or tc.grad_accum != 1:
-            raise ValueError("PlainLoop mirrors static/uncertainty/dwa weighting with grad_accum 1")
         self.cfg, self.tc = cfg, tc
         self.device = dev or device()
-        self.names = [i.name for i in infos]
-        self.arrays = arrays
-        weights = {t.name: t.weight for t in cfg.tasks}
         model = MultiTaskModel.from_encoder(encoder_dir, infos, seed=tc.seed)
-        self.module = TrainModule(model, LossWeighting(self.names, tc.weighting, weights, tc.dwa_temperature))
-        self.module.to(self.device).train()
-        lr, head_lr = tc.lr, tc.head_lr or tc.lr
-        self.optimizer = make_optimizer(self.module, lr, head_lr, tc.weight_decay, self.device)
-        warmup = int(tc.warmup_ratio * tc.max_steps)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(warmup, tc.max_steps))
-        sizes = [len(arrays[t]["train"]["idx"]) for t in self.names]
-        self.sampler = TaskSampler(self.names, sizes, tc.sampling, tc.temperature, tc.max_steps, tc.seed)
-        self.streams = {t: BatchStream(sizes[i], tc.batch_size, tc.seed, i) for i, t in enumerate(self.names)}
-        self.consumed = {t: 0 for t in self.names}
-        self.step_no = 0
-        self.examples = 0
+        config = EngineConfig.from_train(tc, task_weights={t.name: t.weight for t in cfg.tasks})
+        self.engine = Engine(model, arrays, config, device=self.device)
+        self.module = self.engine.raw  # the TrainModule
+        self.names = self.engine.names
         self.tokens = 0  # token positions computed (after trimming shared padding)
         self.real_tokens = 0  # non-padding tokens
         self.seq_sq = 0  # Σ batch × length² (the attention term's size)
 
-    def batch(self, task: str, k: int):
-        import torch
+    @property
+    def examples(self) -> int:
+        return self.engine.examples
 
-        from mtl.evaluation import trim
-
-        rows = self.streams[task].batch_indices(k)
-        arr = self.arrays[task]["train"]
-        ids, mask, labels = (torch.as_tensor(arr[c][rows], device=self.device)
-                             for c in ("input_ids", "attention_mask", "labels"))
-        return trim(ids, mask, labels)
+    def _count(self) -> None:
+        """Shapes of the micro-batches the next step will draw (the engine's own ``batch``)."""
+        e = self.engine
+        for t in e.sampler.tasks_for_step(e.step):
+            for a in range(e.config.grad_accum):
+                ids, mask, _ = e.batch(t, e.consumed[t] + a)
+                self.tokens += ids.numel()
+                self.real_tokens += int(mask.sum())
+                self.seq_sq += ids.shape[0] * ids.shape[1] ** 2
 
     def step(self, timings: dict[str, float] | None = None) -> None:
-        """One optimizer step; ``timings`` accumulates seconds of forward, backward and optimizer."""
-        import torch
-
+        """One optimizer step; ``timings`` accumulates seconds of forward+backward and of the
+        optimizer (clipping, AdamW, schedule)."""
+        self._count()
         t0 = time.perf_counter()
-        tasks = self.sampler.tasks_for_step(self.step_no)
-        self.optimizer.zero_grad(set_to_none=True)
-        batches = {}
-        for t in tasks:
-            batches[t] = self.batch(t, self.consumed[t])
-            self.consumed[t] += 1
-        total, _ = self.module(batches)
+        losses = self.engine.compute_gradients()
+        sync(self.device)
+        t1 = time.perf_counter()
+        self.engine.apply_gradients(losses)
+        sync(self.device)
         if timings is not None:
-            sync(self.device)
-            t1 = time.perf_counter()
-            timings["forward"] = timings.get("forward", 0.0) + t1 - t0
-        total.backward()
-        if timings is not None:
-            sync(self.device)
-            t2 = time.perf_counter()
-            timings["backward"] = timings.get("backward", 0.0) + t2 - t1
-        if self.tc.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.tc.max_grad_norm)
-        self.optimizer.step()
-        self.scheduler.step()
-        if timings is not None:
-            sync(self.device)
-            timings["optimizer"] = timings.get("optimizer", 0.0) + time.perf_counter() - t2
-        self.step_no += 1
-        for ids, mask, _ in batches.values():
-            self.examples += len(ids)
-            self.tokens += ids.numel()
-            self.real_tokens += int(mask.sum())
-            self.seq_sq += ids.shape[0] * ids.shape[1] ** 2
+            timings["forward_backward"] = timings.get("forward_backward", 0.0) + t1 - t0
+            timings["optimizer"] = timings.get("optimizer", 0.0) + time.perf_counter() - t1
 
     def evaluate(self) -> dict[str, dict[str, float]]:
         """The trainer's validation pass (same batching and metrics)."""
-        from mtl.evaluation import evaluate_arrays
-
-        self.module.eval()
-        out = {}
-        kinds = self.module.model.kinds
-        for t in self.names:
-            preds, refs = evaluate_arrays(lambda i, m, t=t: self.module({t: (i, m, None)}, logits=True)[t],
-                                          kinds[t], self.arrays[t]["validation"], self.tc.eval_batch_size,
-                                          self.device)
-            out[t] = kinds[t].metrics(preds, refs)
-        self.module.train()
-        return out
-
+        return self.engine.evaluate()

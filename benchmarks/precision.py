@@ -8,6 +8,7 @@ machines) bf16 autocast adds casts and runs slower than fp32; on GPUs it pays. T
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from benchmarks.common import best_of, device, machine_info, parser, threads, write_result
@@ -18,38 +19,33 @@ def main() -> None:
     torch.set_num_threads(threads(args))
     from transformers import AutoTokenizer
 
+    from mtl.engine import Engine, EngineConfig
     from mtl.model import MultiTaskModel, TaskInfo
     from mtl.packages import minilm_dir
-    from mtl.weighting import LossWeighting
-    from pipelines.train import TrainModule
 
     dev = device()
     batch, length = (16, 64) if args.quick else (32, 64)
     tasks = [TaskInfo("topic", "sequence_classification", ["a", "b", "c", "d", "e"], length)]
-    model = MultiTaskModel.from_encoder(minilm_dir(), tasks, seed=0).to(dev).train()
-    module = TrainModule(model, LossWeighting(["topic"]))
-    opt = torch.optim.AdamW(module.parameters(), lr=1e-5)
     tok = AutoTokenizer.from_pretrained(str(minilm_dir()))
     enc = tok(["the quick brown fox jumps over the lazy dog " * 8] * batch, truncation=True,
-              max_length=length, padding="max_length", return_tensors="pt")
-    ids, mask = enc["input_ids"].to(dev), enc["attention_mask"].to(dev)
-    labels = torch.zeros(batch, dtype=torch.long, device=dev)
+              max_length=length, padding="max_length", return_tensors="np")
+    arrays = {"topic": {"train": {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
+                                  "labels": np.zeros(batch, dtype=np.int64)}}}
 
-    def step(dtype):
-        def run():
-            opt.zero_grad()
-            ctx = torch.autocast(device_type=dev.type, dtype=dtype) if dtype else torch.autocast(dev.type, enabled=False)
-            with ctx:
-                loss, _ = module({"topic": (ids, mask, labels)})
-            loss.backward()
-            opt.step()
-        return run
+    def step(precision: str):
+        """The trainer's engine step (autocast, AdamW, clipping; GradScaler for CUDA fp16)."""
+        model = MultiTaskModel.from_encoder(minilm_dir(), tasks, seed=0)
+        config = EngineConfig(max_steps=1_000_000, batch_size=batch, lr=1e-5, warmup_ratio=0.0,
+                              precision=precision, sampling="joint")
+        engine = Engine(model, arrays, config, device=dev)
+        engine.module.train()
+        return engine.train_step
 
     repeats = 3 if args.quick else 8
     figures = {"batch": batch, "seq_len": length, "device": str(dev)}
-    for name, dtype in (("fp32", None), ("bf16", torch.bfloat16), ("fp16", torch.float16)):
+    for name in ("fp32", "bf16", "fp16"):
         try:
-            t = best_of(step(dtype), repeats=repeats, warmup=1)
+            t = best_of(step(name), repeats=repeats, warmup=1)
             figures[f"{name}_step_s"] = t["median_s"]
             figures[f"{name}_samples_per_s"] = batch / t["median_s"]
         except Exception as err:  # fp16 autocast is not supported everywhere on CPU

@@ -28,8 +28,9 @@ class LossWeighting(nn.Module):
         self.method = method
         self.static = {t: float((static or {}).get(t, 1.0)) for t in tasks}
         self.dwa_temperature = dwa_temperature
+        # shape [1], not a scalar: FSDP2's fully_shard refuses 0-dim parameters
         self.log_vars = nn.ParameterDict(
-            {t: nn.Parameter(torch.zeros(())) for t in tasks} if method == "uncertainty" else {}
+            {t: nn.Parameter(torch.zeros(1)) for t in tasks} if method == "uncertainty" else {}
         )
         self.history: list[dict[str, float]] = []  # window-mean loss per task (dwa)
         self.dwa = {t: 1.0 for t in tasks}
@@ -46,13 +47,20 @@ class LossWeighting(nn.Module):
         total = torch.zeros((), device=next(iter(losses.values())).device)
         for task, loss in losses.items():
             if self.method == "uncertainty":
-                s = self.log_vars[task]
+                s = self.log_vars[task].squeeze(0)
                 total = total + torch.exp(-s) * loss + s
             elif self.method == "dwa":
                 total = total + self.static[task] * self.dwa[task] * loss
             else:
                 total = total + self.static[task] * loss
         return total
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """Accept the scalar log-variances that checkpoints written before the [1] shape hold."""
+        for key in [k for k in state_dict if k.startswith(f"{prefix}log_vars.")]:
+            if state_dict[key].dim() == 0:
+                state_dict[key] = state_dict[key].reshape(1)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def unused_parameters(self, used: list[str]) -> list[nn.Parameter]:
         return [p for t, p in self.log_vars.items() if t not in used]

@@ -49,3 +49,12 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs):
              include_dashboard=kwargs.pop("include_dashboard", True), dashboard_host="127.0.0.1",
              runtime_env=runtime_env(), log_to_driver=kwargs.pop("log_to_driver", True), **kwargs)
     return ray
+
+
+def resolve_use_gpu(cfg) -> bool:
+    """``train.use_gpu: auto`` -> GPUs when the connected cluster has any."""
+    if cfg.train.use_gpu == "auto":
+        import ray
+
+        return ray.cluster_resources().get("GPU", 0) >= 1
+    return bool(cfg.train.use_gpu)
