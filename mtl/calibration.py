@@ -184,3 +184,15 @@ def calibrate(model, tokenizer, validation: dict[str, list[dict]], test: dict[st
         model.tasks[task].temperature = t
         out[task] = res
     return out
+
+
+def write_temperatures(artifact: str | Path, temperatures: dict[str, float]) -> None:
+    """Set tasks' ``temperature`` in an artifact's manifest (the weights are left untouched)."""
+    import json
+
+    file = Path(artifact) / "manifest.json"
+    manifest = json.loads(file.read_text())
+    for task in manifest["tasks"]:
+        if task["name"] in temperatures:
+            task["temperature"] = float(temperatures[task["name"]])
+    file.write_text(json.dumps(manifest, indent=2))

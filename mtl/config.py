@@ -127,6 +127,9 @@ class TrainSpec(_Strict):
     max_failures: int = Field(2, ge=0)
     seed: int = 13
     threads_per_worker: int | None = Field(None, ge=1)  # torch intra-op threads; None: cpus_per_worker
+    # after training: fit one temperature per scored task on the validation split (mtl.calibration),
+    # stored in the model's manifest, so served scores are calibrated; labels never change
+    calibrate: bool = True
 
 
 class SearchSpace(_Strict):

@@ -42,6 +42,7 @@ class RunResult:
     history: list[dict[str, float]] = field(default_factory=list)
     model_uri: str | None = None
     registered_version: str | None = None
+    calibration: dict[str, dict[str, Any]] = field(default_factory=dict)  # per task: temperature, ECE before/after
 
     def summary(self) -> dict[str, Any]:
         """Everything but the history, as summary.json holds it."""
@@ -102,9 +103,13 @@ def history(result) -> list[dict[str, float]]:
     return [] if df is None else df.sort_values("step").to_dict("records")
 
 
-def _evaluate_remote(model_dir: str, rows: dict[str, list[dict]], batch_size: int, threads: int):
+def _evaluate_remote(model_dir: str, rows: dict[str, list[dict]], batch_size: int, threads: int,
+                     validation: dict[str, list[dict]] | None = None):
+    """Test report of the artifact; with ``validation``, first fit its temperatures there (written
+    to the manifest; reliability diagrams on the test sets beside the model: ``../calibration``)."""
     import ray
 
+    from mtl.calibration import calibrate, write_temperatures
     from mtl.evaluation import test_report
     from mtl.model import MultiTaskModel
 
@@ -112,12 +117,19 @@ def _evaluate_remote(model_dir: str, rows: dict[str, list[dict]], batch_size: in
     # the GPU only when Ray assigned one (Ray no longer hides GPUs from num_gpus=0 tasks)
     device = torch.device("cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu")
     model, tokenizer = MultiTaskModel.load(model_dir, device)
-    return test_report(model, tokenizer, rows, batch_size)
+    calibration = {}
+    if validation:
+        calibration = calibrate(model, tokenizer, validation, rows, batch_size,
+                                plots=Path(model_dir).parent / "calibration")
+        write_temperatures(model_dir, {t: r["temperature"] for t, r in calibration.items()})
+    return test_report(model, tokenizer, rows, batch_size), calibration
 
 
-def evaluate_test(cfg: RunConfig, model_dir: str | Path, data: dict[str, TaskData], split: str = "test"):
+def evaluate_test(cfg: RunConfig, model_dir: str | Path, data: dict[str, TaskData], split: str = "test",
+                  calibrate: bool = False):
     """Each task's metrics, report and confusion matrix on ``split``, computed in a Ray task that gets
-    a worker's resources (a GPU when training had one)."""
+    a worker's resources (a GPU when training had one). With ``calibrate``, returns
+    ``(report, calibration)``: temperatures fitted on the validation split first (see ``publish_model``)."""
     import ray
 
     from pipelines.ray_utils import resolve_use_gpu
@@ -125,29 +137,77 @@ def evaluate_test(cfg: RunConfig, model_dir: str | Path, data: dict[str, TaskDat
     use_gpu = resolve_use_gpu(cfg)
     fn = ray.remote(num_cpus=cfg.train.cpus_per_worker, num_gpus=1 if use_gpu else 0)(_evaluate_remote)
     rows = {t: d.splits[split] for t, d in data.items()}
-    return ray.get(fn.remote(str(model_dir), rows, cfg.train.eval_batch_size, int(cfg.train.cpus_per_worker)))
+    validation = {t: d.splits["validation"] for t, d in data.items()} if calibrate else None
+    report, calibration = ray.get(fn.remote(str(model_dir), rows, cfg.train.eval_batch_size,
+                                            int(cfg.train.cpus_per_worker), validation))
+    return (report, calibration) if calibrate else report
 
 
-def _log_to_mlflow(cfg: RunConfig, run: RunResult, test: dict, data: dict[str, TaskData],
-                   register_model: bool) -> None:
+@dataclass
+class Published:
+    """What the publishing stage made of a checkpoint: the model folder (calibrated), its test
+    report and calibration per task, and (with MLflow) the logged model and registered version."""
+
+    model_dir: Path
+    test: dict[str, dict[str, Any]]
+    calibration: dict[str, dict[str, Any]]
+    model_uri: str | None = None
+    registered_version: str | None = None
+
+    @property
+    def test_metrics(self) -> dict[str, dict[str, float]]:
+        return {t: r["metrics"] for t, r in self.test.items()}
+
+
+def publish_model(cfg: RunConfig, checkpoint, data: dict[str, TaskData], dest: Path, run_id: str | None,
+                  card_extra: dict[str, Any], register: bool, description: str | None = None) -> Published:
+    """The one publishing stage of training and of a sweep: the checkpoint's model -> ``dest``;
+    temperatures fitted on validation (``train.calibrate``); test sets; with an MLflow run: test
+    reports and confusion plots, calibration (temperature, ECE before/after on test, reliability
+    diagrams), the model card, the pyfunc model, and (``register``) the registry's ``champion``."""
+    shutil.rmtree(dest, ignore_errors=True)
+    with checkpoint.as_directory() as d:
+        shutil.copytree(Path(d) / MODEL_DIR, dest)
+    if cfg.train.calibrate:
+        test, calibration = evaluate_test(cfg, dest, data, calibrate=True)
+    else:
+        test, calibration = evaluate_test(cfg, dest, data), {}
+    out = Published(dest, test, calibration)
+    for t, c in calibration.items():
+        print(f"[publish] {t}: temperature {c['temperature']:.3f}, test ECE {c.get('test_ece_before', 0):.4f} -> "
+              f"{c.get('test_ece_after', 0):.4f}", flush=True)
+    if run_id:
+        from mlflow.tracking import MlflowClient
+
+        from pipelines import tracking
+
+        client = MlflowClient()
+        tracking.log_test_results(run_id, test)
+        for t, c in calibration.items():
+            for k in ("temperature", "test_ece_before", "test_ece_after", "validation_ece_before", "validation_ece_after"):
+                if k in c:
+                    client.log_metric(run_id, f"calibration/{t}/{k}", float(c[k]))
+            if c.get("plot"):
+                client.log_artifact(run_id, c["plot"], "plots")
+        sizes = {t: {s: len(d.splits[s]) for s in d.splits} for t, d in data.items()}
+        client.log_text(run_id, tracking.model_card(cfg, test, sizes, card_extra), "model_card.md")
+        out.model_uri = tracking.log_model(run_id, dest)
+        if register:
+            out.registered_version = tracking.register(out.model_uri, cfg.mlflow.registered_model, test,
+                                                       description=description)
+    return out
+
+
+def _log_run(run: RunResult) -> None:
     from mlflow.tracking import MlflowClient
 
     from pipelines import tracking
 
-    run_id = run.mlflow_run_id
-    tracking.log_test_results(run_id, test)
-    sizes = {t: {s: len(d.splits[s]) for s in d.splits} for t, d in data.items()}
     client = MlflowClient()
-    client.log_text(run_id, tracking.model_card(cfg, test, sizes, {
-        "best step": run.best_step, "training wall time (s)": run.fit_s,
-        "samples/s": f"{run.samples_per_s:.1f}" if run.samples_per_s else "n/a"}), "model_card.md")
-    run.model_uri = tracking.log_model(run_id, run.model_dir)
-    if register_model:
-        run.registered_version = tracking.register(run.model_uri, cfg.mlflow.registered_model, test)
     for k in ("wall_s", "fit_s"):
-        client.log_metric(run_id, k, getattr(run, k))
-    tracking.log_summary(run_id, run.summary())
-    tracking.end_run(run_id)
+        client.log_metric(run.mlflow_run_id, k, getattr(run, k))
+    tracking.log_summary(run.mlflow_run_id, run.summary())
+    tracking.end_run(run.mlflow_run_id)
 
 
 def publish(cfg: RunConfig, result, data: dict[str, TaskData], folder: Path, mlflow_run_id: str | None,
@@ -155,21 +215,21 @@ def publish(cfg: RunConfig, result, data: dict[str, TaskData], folder: Path, mlf
     """Copy the best checkpoint's model to ``folder/model``, evaluate it on the test sets, write
     ``summary.json`` and ``history.jsonl`` (one line per evaluation) and, with an MLflow run, log reports, plots, card and model (and register it)."""
     ckpt, best = best_checkpoint(result)
-    model_dir = folder / MODEL_DIR
-    shutil.rmtree(model_dir, ignore_errors=True)
-    with ckpt.as_directory() as d:
-        shutil.copytree(Path(d) / MODEL_DIR, model_dir)
-    test = evaluate_test(cfg, model_dir, data)
     last = result.metrics or {}
+    samples = last.get("samples_per_s")
+    published = publish_model(cfg, ckpt, data, folder / MODEL_DIR, mlflow_run_id, {
+        "best step": best.get("step"), "training wall time (s)": round(fit_s, 1),
+        "samples/s": f"{samples:.1f}" if samples else "n/a"}, register_model)
     run = RunResult(
-        run_dir=str(folder), model_dir=str(model_dir), mlflow_run_id=mlflow_run_id,
+        run_dir=str(folder), model_dir=str(published.model_dir), mlflow_run_id=mlflow_run_id,
         best_step=best.get("step"), best_objective=best.get("objective"), steps=last.get("step"),
-        stopped_early=bool(last.get("stopped_early", 0)), samples_per_s=last.get("samples_per_s"),
+        stopped_early=bool(last.get("stopped_early", 0)), samples_per_s=samples,
         wall_s=round(time.time() - (started or time.time()), 1), fit_s=round(fit_s, 1),
-        test_metrics={t: r["metrics"] for t, r in test.items()}, history=history(result),
+        test_metrics=published.test_metrics, history=history(result), model_uri=published.model_uri,
+        registered_version=published.registered_version, calibration=published.calibration,
     )
     if mlflow_run_id:
-        _log_to_mlflow(cfg, run, test, data, register_model)
+        _log_run(run)
     (folder / "summary.json").write_text(json.dumps(run.summary(), indent=2, default=str))
     (folder / "history.jsonl").write_text("".join(json.dumps(h) + "\n" for h in run.history))
     print(f"[train] done in {run.wall_s}s; best objective {run.best_objective:.4f} at step {run.best_step}; "

@@ -13,10 +13,8 @@ with the alias ``champion``.
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from mtl.config import RunConfig
@@ -60,26 +58,38 @@ def publish_sweep(cfg: RunConfig, result: SweepResult, data: dict[str, Any], t0:
                   ) -> dict[str, Any]:
     """The winner of ``result``: its model directory, test metrics and (with MLflow) the parent run's
     test reports, model card, logged model and registered version; returns the summary."""
-    from pipelines import tracking
-    from pipelines.train import MODEL_DIR, evaluate_test
+    from ray.train import Checkpoint
 
-    model_dir = _copy_model(result.best_checkpoint, MODEL_DIR, result.sweep_dir / "model")
-    test = evaluate_test(cfg, model_dir, data)
+    from pipelines import tracking
+    from pipelines.publish import publish_model
+
+    parent, best, equal, spec = result.parent_run_id, result.best, result.equal_weights, cfg.tune
+    card_extra = {"sweep": f"{result.trials} trials ({spec.search} search, ASHA stopped {result.stopped_early})",
+                  "best trial": best["trial_id"], "best validation objective": f"{best['objective']:.4f}",
+                  "learning rate": f"{best['lr']:.3g}"}
+    for t, w in (best.get("task_weights") or {}).items():
+        card_extra[f"loss weight λ {t}"] = f"{w:.3f}"
+    if equal:
+        card_extra["equal weights (λ = 1) validation objective"] = f"{equal['objective']:.4f}"
+    try:
+        published = publish_model(cfg, Checkpoint(result.best_checkpoint), data, result.sweep_dir / "model", parent,
+                                  card_extra, register=bool(parent),
+                                  description=f"Best of sweep {result.sweep_dir.name}: trial {best['trial_id']}, "
+                                              f"validation objective {best['objective']:.4f}")
+        if published.registered_version:
+            _tag_version(cfg, result, published.registered_version)
+    except BaseException:
+        if parent:
+            tracking.end_run(parent, "FAILED")
+        raise
     summary: dict[str, Any] = {
-        "best": result.best, "test_metrics": {t: r["metrics"] for t, r in test.items()},
-        "model_dir": str(model_dir), "best_checkpoint": result.best_checkpoint, "model_uri": None,
-        "registered_version": None,
+        "best": result.best, "test_metrics": published.test_metrics, "calibration": published.calibration,
+        "model_dir": str(published.model_dir), "best_checkpoint": result.best_checkpoint,
+        "model_uri": published.model_uri, "registered_version": published.registered_version,
         "parent_run_id": result.parent_run_id, "sweep_dir": str(result.sweep_dir), "trials": result.trials,
         "stopped_early": result.stopped_early, "errors": result.errors, "max_t": result.max_t,
         "max_concurrent_trials": result.max_concurrent_trials, "equal_weights": result.equal_weights,
     }
-    parent = result.parent_run_id
-    if parent:
-        try:
-            _publish_mlflow(cfg, result, test, data, model_dir, summary)
-        except BaseException:
-            tracking.end_run(parent, "FAILED")
-            raise
     summary["wall_s"] = round(time.time() - t0, 1) if t0 is not None else result.wall_s
     if parent:
         from mlflow.tracking import MlflowClient
@@ -93,44 +103,14 @@ def publish_sweep(cfg: RunConfig, result: SweepResult, data: dict[str, Any], t0:
     return summary
 
 
-def _copy_model(checkpoint_path: str, model_subdir: str, dest: Path) -> Path:
-    """The artifact inside a Ray Train checkpoint (local or object storage) -> ``dest``."""
-    from ray.train import Checkpoint
-
-    shutil.rmtree(dest, ignore_errors=True)
-    with Checkpoint(checkpoint_path).as_directory() as d:
-        shutil.copytree(Path(d) / model_subdir, dest)
-    return dest
-
-
-def _publish_mlflow(cfg: RunConfig, result: SweepResult, test: dict[str, Any], data: dict[str, Any],
-                    model_dir: Path, summary: dict[str, Any]) -> None:
-    """Test reports, model card and model on the sweep's parent run; the model registered as champion,
-    its version tagged with the winning trial (and its child run)."""
+def _tag_version(cfg: RunConfig, result: SweepResult, version: str) -> None:
+    """The registered version names the winning trial (and its MLflow child run)."""
     from mlflow.tracking import MlflowClient
 
-    from pipelines import tracking
-
-    parent, best, equal, spec = result.parent_run_id, result.best, result.equal_weights, cfg.tune
-    client = MlflowClient()
-    tracking.log_test_results(parent, test)
-    sizes = {t: {s: len(d.splits[s]) for s in d.splits} for t, d in data.items()}
-    card_extra = {"sweep": f"{result.trials} trials ({spec.search} search, ASHA stopped {result.stopped_early})",
-                  "best trial": best["trial_id"], "best validation objective": f"{best['objective']:.4f}",
-                  "learning rate": f"{best['lr']:.3g}"}
-    for t, w in (best.get("task_weights") or {}).items():
-        card_extra[f"loss weight λ {t}"] = f"{w:.3f}"
-    if equal:
-        card_extra["equal weights (λ = 1) validation objective"] = f"{equal['objective']:.4f}"
-    client.log_text(parent, tracking.model_card(cfg, test, sizes, card_extra), "model_card.md")
-    summary["model_uri"] = tracking.log_model(parent, model_dir)
-    version = tracking.register(summary["model_uri"], cfg.mlflow.registered_model, test,
-                                description=f"Best of sweep {result.sweep_dir.name}: trial {best['trial_id']}, "
-                                            f"validation objective {best['objective']:.4f}")
-    summary["registered_version"] = version
+    client, best = MlflowClient(), result.best
     version_tags = {"mtl_ray.trial_id": best["trial_id"], "mtl_ray.sweep": result.sweep_dir.name,
                     "mtl_ray.validation_objective": f"{best['objective']:.6f}"}
-    best_child = find_child_runs(client, parent, best["trial_id"], STAGE_TRIAL)
+    best_child = find_child_runs(client, result.parent_run_id, best["trial_id"], STAGE_TRIAL)
     if best_child:
         version_tags["mtl_ray.trial_run_id"] = best_child[0].info.run_id
         best["mlflow_run_id"] = best_child[0].info.run_id

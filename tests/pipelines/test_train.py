@@ -6,6 +6,7 @@ DDP×2 (with MLflow), FSDP×2, DDP×1 at the same global batch, and a run whose 
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 
@@ -220,7 +221,18 @@ def test_mlflow_run_holds_params_curves_reports_plots_and_model(ddp2):
     files = {f.path for f in client.list_artifacts(run.info.run_id)}
     assert {"reports", "plots", "model_card.md", "config.yaml"} <= files
     plots = {f.path for f in client.list_artifacts(run.info.run_id, "plots")}
-    assert plots == {"plots/confusion_sentiment.png"}  # the token task has entity reports, no matrix
+    # confusion matrix for the sentence task (the token task has entity reports, no matrix), and a
+    # reliability diagram per calibrated task
+    assert plots == {"plots/confusion_sentiment.png", "plots/reliability_sentiment.png",
+                     "plots/reliability_cities.png"}
+    for task in ("sentiment", "cities"):  # temperature fitted on validation, ECE before/after on test
+        cal = summary.calibration[task]
+        assert run.data.metrics[f"calibration/{task}/temperature"] == pytest.approx(cal["temperature"])
+        assert run.data.metrics[f"calibration/{task}/test_ece_after"] == pytest.approx(cal["test_ece_after"])
+        assert cal["validation_nll_after"] <= cal["validation_nll_before"] + 1e-6
+    manifest = json.loads((Path(summary.model_dir) / "manifest.json").read_text())
+    assert {t["name"]: t["temperature"] for t in manifest["tasks"]} == \
+        {t: c["temperature"] for t, c in summary.calibration.items()}
     reports = {f.path for f in client.list_artifacts(run.info.run_id, "reports")}
     assert {"reports/sentiment.json", "reports/cities.json", "reports/cities.txt"} <= reports
     import mlflow
