@@ -56,8 +56,8 @@ def test_calibrate_sets_temperatures_and_the_predictor_uses_them(tiny_artifact, 
 
     _, data = quick_data
     model, tok = MultiTaskModel.load(tiny_artifact)
-    val = {t: d.splits["validation"][:40] for t, d in data.items()}
-    test = {t: d.splits["test"][:20] for t, d in data.items()}
+    val = {t: d.splits["validation"][:24] for t, d in data.items()}
+    test = {t: d.splits["test"][:12] for t, d in data.items()}
     res = calibrate(model, tok, val, test, batch_size=32, plots=tmp_path)
     assert set(res) == {"intent", "slots", "sentiment", "topic"}
     for r in res.values():

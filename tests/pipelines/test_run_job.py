@@ -39,7 +39,8 @@ def cluster_env() -> dict[str, str]:
 
 
 def tiny_quick_config(tmp: Path, encoder: Path) -> Path:
-    """configs/quick.yaml, shrunk: the tiny encoder, 60-row slices, a 2-trial sweep."""
+    """configs/quick.yaml, shrunk: the tiny encoder, 60-row slices, a 1-trial sweep (sweeps of
+    several trials, ASHA and resume are tests/tune's)."""
     raw = yaml.safe_load((Path(__file__).resolve().parents[2] / "configs" / "quick.yaml").read_text())
     raw["name"] = "job-test"
     raw["output_dir"] = str(tmp / "runs")
@@ -49,7 +50,7 @@ def tiny_quick_config(tmp: Path, encoder: Path) -> Path:
         task.pop("max_length", None)
     raw["train"].update({"batch_size": 8, "max_steps": 8, "eval_every": 4, "cpus_per_worker": 1,
                          "lr": 1e-3, "head_lr": 1e-3})
-    raw["tune"].update({"num_samples": 2, "max_concurrent": 1, "grace_period": 1})
+    raw["tune"].update({"num_samples": 1, "max_concurrent": 1, "grace_period": 1})
     raw["mlflow"] = {"tracking_uri": f"sqlite:///{tmp}/mlflow.db", "experiment": "job-test",
                      "registered_model": "job-test-model"}
     path = tmp / "job" / "quick-tiny.yaml"
