@@ -16,16 +16,17 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def pytest_addoption(parser):
-    parser.addoption("--run-venv", action="store_true",
-                     help="also run the tests that build a fresh virtual environment (minutes)")
+    parser.addoption("--run-extended", action="store_true",
+                     help="also run the extended integration tests (minutes each: a fresh virtual "
+                          "environment, the pipeline as a job on a `ray start` cluster)")
 
 
 def pytest_collection_modifyitems(config, items):
-    if config.getoption("--run-venv"):
+    if config.getoption("--run-extended"):
         return
-    skip = pytest.mark.skip(reason="builds a fresh virtual environment (minutes): pytest --run-venv")
+    skip = pytest.mark.skip(reason="extended integration test (minutes): pytest --run-extended")
     for item in items:
-        if "venv" in item.keywords:
+        if "extended" in item.keywords:
             item.add_marker(skip)
 
 

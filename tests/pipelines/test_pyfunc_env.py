@@ -21,9 +21,9 @@ from pathlib import Path
 
 import pytest
 
-# Opt-in (``pytest --run-venv tests/pipelines/test_pyfunc_env.py``; .ci/run runs it after the
-# suite): building the environment on a fresh machine takes minutes, more than the suite's budget.
-pytestmark = [pytest.mark.slow, pytest.mark.venv]
+# Opt-in (``pytest --run-extended``; .ci/run runs it after the suite): building the environment on
+# a fresh machine takes minutes, more than the suite's budget.
+pytestmark = [pytest.mark.slow, pytest.mark.extended]
 
 LOAD = """
 import importlib.util, json, sys

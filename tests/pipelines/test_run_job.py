@@ -107,6 +107,7 @@ def ray_cluster():
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
+@pytest.mark.extended  # about 100 s: a `ray start` cluster and a whole job (opt-in, .ci/run runs it)
 def test_ray_job_submit_runs_the_pipeline_and_registers_champion(tmp_path, tiny_encoder, ray_cluster):
     from mlflow.tracking import MlflowClient
 

@@ -269,7 +269,7 @@ def test_early_stop_keeps_best_and_a_stopped_run_resumes(synth, tmp_path, ray_se
     from mtl.model import read_manifest
     from pipelines.train import run_training
 
-    cfg = make_config(synth, tmp_path, lr=1e-12, head_lr=1e-12, patience=1)
+    cfg = make_config(synth, tmp_path, lr=1e-12, head_lr=1e-12, patience=1, num_workers=1)  # DDP: other tests
     first = run_training(cfg)
     assert [h["step"] for h in history(first)] == [15, 30]
     assert first.stopped_early is True and first.best_step == 15
