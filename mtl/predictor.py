@@ -175,7 +175,7 @@ class Predictor:
                 for j, i in enumerate(over):
                     logits[i].update(cut_logits[j])
                     word_ids[i].update(cut_ids[j])
-        scale = {n: float(getattr(self.model.tasks[n], "temperature", 1.0) or 1.0) for n in names}
+        scale = {n: self.model.tasks[n].temperature for n in names}  # 1 until calibrated
         return [{name: self.model.kinds[name].decode(logits[i][name] / scale[name], split[i][0], split[i][1],
                                                       word_ids[i][name], text, top_k) for name in names}
                 for i, text in enumerate(texts)]

@@ -128,8 +128,8 @@ def _evaluate_remote(model_dir: str, rows: dict[str, list[dict]], batch_size: in
 def evaluate_test(cfg: RunConfig, model_dir: str | Path, data: dict[str, TaskData], split: str = "test",
                   calibrate: bool = False):
     """Each task's metrics, report and confusion matrix on ``split``, computed in a Ray task that gets
-    a worker's resources (a GPU when training had one). With ``calibrate``, returns
-    ``(report, calibration)``: temperatures fitted on the validation split first (see ``publish_model``)."""
+    a worker's resources (a GPU when training had one). Returns ``(report, calibration)``; with
+    ``calibrate``, temperatures are fitted on the validation split first (else ``calibration`` is {})."""
     import ray
 
     from pipelines.ray_utils import resolve_use_gpu
@@ -140,7 +140,7 @@ def evaluate_test(cfg: RunConfig, model_dir: str | Path, data: dict[str, TaskDat
     validation = {t: d.splits["validation"] for t, d in data.items()} if calibrate else None
     report, calibration = ray.get(fn.remote(str(model_dir), rows, cfg.train.eval_batch_size,
                                             int(cfg.train.cpus_per_worker), validation))
-    return (report, calibration) if calibrate else report
+    return report, calibration
 
 
 @dataclass
@@ -168,10 +168,7 @@ def publish_model(cfg: RunConfig, checkpoint, data: dict[str, TaskData], dest: P
     shutil.rmtree(dest, ignore_errors=True)
     with checkpoint.as_directory() as d:
         shutil.copytree(Path(d) / MODEL_DIR, dest)
-    if cfg.train.calibrate:
-        test, calibration = evaluate_test(cfg, dest, data, calibrate=True)
-    else:
-        test, calibration = evaluate_test(cfg, dest, data), {}
+    test, calibration = evaluate_test(cfg, dest, data, calibrate=cfg.train.calibrate)
     out = Published(dest, test, calibration)
     for t, c in calibration.items():
         print(f"[publish] {t}: temperature {c['temperature']:.3f}, test ECE {c.get('test_ece_before', 0):.4f} -> "
