@@ -4,6 +4,7 @@ and one local Ray per test session (Ray start-up costs seconds)."""
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,15 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+# sys.path as pytest left it after collecting (before any test ran: loading an MLflow pyfunc
+# in-process puts the model's code folder first); tests/test_imports.py checks imports against it
+SESSION_SYS_PATH: list[str] = []
+
+
+def pytest_collection_finish(session):
+    SESSION_SYS_PATH[:] = sys.path
 
 
 def pytest_addoption(parser):

@@ -19,8 +19,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.parametrize("name", ["mtl", "pipelines", "tune", "serve", "benchmarks"])
 def test_a_fresh_import_finds_the_repository_package(name):
-    # a new interpreter with this session's sys.path, in its order: what a re-import would find
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p or os.getcwd() for p in sys.path)}
+    # a new interpreter with this session's sys.path (as collection left it), in its order: what a
+    # re-import would find
+    from conftest import SESSION_SYS_PATH
+
+    assert SESSION_SYS_PATH
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p or os.getcwd() for p in SESSION_SYS_PATH)}
     out = subprocess.run(
         [sys.executable, "-c", f"import {name}; print({name}.__file__)"],
         env=env, cwd="/", capture_output=True, text=True, check=True,
