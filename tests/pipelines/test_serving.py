@@ -3,17 +3,28 @@ are replaced)."""
 
 from __future__ import annotations
 
+import json
+from dataclasses import replace
+
 import pytest
 
 from mtl.config import ConfigError, config_from_dict
 
 
-def _cfg(mlflow_enabled: bool = True, tune: bool = False):
+def _cfg(mlflow_enabled: bool = True, tune: bool = False, serve: dict | None = None):
     raw = {"tasks": [{"name": "t", "kind": "sequence_classification", "source": {"type": "bbc"}}],
-           "mlflow": {"enabled": mlflow_enabled, "registered_model": "m"}}
+           "mlflow": {"enabled": mlflow_enabled, "registered_model": "m"}, "serve": serve or {}}
     if tune:
         raw["tune"] = {"num_samples": 2}
     return config_from_dict(raw)
+
+
+def _result(model_dir: str, run_dir: str, **kw):
+    from pipelines.publish import RunResult
+
+    return RunResult(mode="train", run_dir=run_dir, model_dir=model_dir, mlflow_run_id=None, best_step=4,
+                     best_objective=0.5, steps=8, stopped_early=False, samples_per_s=None, wall_s=1.0, fit_s=1.0,
+                     test_metrics={"t": {"accuracy": 0.5}}, **kw)
 
 
 def test_run_server_wiring(monkeypatch, tiny_artifact):
@@ -54,25 +65,27 @@ def test_run_with_mlflow_disabled_prints_and_serves_the_model_dir(monkeypatch, c
     import pipelines.tuning
 
     model_dir = str(tmp_path / "model")
-    trained = {"test_metrics": {"t": {"accuracy": 0.5}}, "model_dir": model_dir, "run_dir": str(tmp_path),
-               "mlflow_run_id": None}  # what run_training / run_tune return without MLflow
+    trained = _result(model_dir, str(tmp_path))  # what run_training / run_tune return without MLflow
     served = {}
     monkeypatch.setattr(pipelines.data, "read_tasks", lambda cfg: {})
     monkeypatch.setattr(pipelines.data, "summarize", lambda cfg, data: "")
     monkeypatch.setattr(pipelines.ray_utils, "init_ray", lambda *a, **k: None)
-    monkeypatch.setattr(pipelines.train, "run_training", lambda cfg, **kw: dict(trained))
-    monkeypatch.setattr(pipelines.tuning, "run_tune", lambda cfg, **kw: {**trained, "registered_version": None})
+    monkeypatch.setattr(pipelines.train, "run_training", lambda cfg, **kw: trained)
+    monkeypatch.setattr(pipelines.tuning, "run_tune", lambda cfg, **kw: replace(trained, mode="sweep"))
     monkeypatch.setattr(pipelines.serving, "run_server", lambda model, cfg, **kw: served.setdefault("model", model) and "http://x")
     monkeypatch.setattr(run, "sample_request", lambda url, texts: {})
     monkeypatch.setattr(run, "_block_until_interrupt", lambda: None)
-    summary = run.run_pipeline(_cfg(mlflow_enabled=False, tune=tune), serve=True)
+    result = run.run_pipeline(_cfg(mlflow_enabled=False, tune=tune), serve=True)
     out = capsys.readouterr().out
-    assert summary["champion"] == served["model"] == model_dir
+    assert result.mode == ("sweep" if tune else "train")
+    assert served["model"] == model_dir
+    printed = json.loads(out[out.index("{\n"):out.index("\n}\n") + 2])
+    assert printed["champion"] == model_dir and printed["mode"] == result.mode
     assert "models:/" not in out and f"{model_dir} (MLflow disabled: not registered)" in out
 
 
 def test_champion_reference_is_the_alias_once_registered():
     from pipelines.run import champion_reference
 
-    assert champion_reference(_cfg(), {"registered_version": "3", "model_dir": "/x"}) == "models:/m@champion"
-    assert champion_reference(_cfg(False), {"registered_version": None, "model_dir": "/x"}) == "/x"
+    assert champion_reference(_cfg(), _result("/x", "/", registered_version="3")) == "models:/m@champion"
+    assert champion_reference(_cfg(False), _result("/x", "/")) == "/x"
