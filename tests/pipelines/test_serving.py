@@ -27,22 +27,40 @@ def _result(model_dir: str, run_dir: str, **kw):
                      test_metrics={"t": {"accuracy": 0.5}}, **kw)
 
 
-def test_run_server_wiring(monkeypatch, tiny_artifact):
-    """run_server's calls to Ray: the CLI's None values mean the config's."""
+@pytest.mark.slow
+def test_run_server_serves_the_artifact_on_the_configs_address(ray_session, tiny_artifact):
+    """A real Serve: the command line's None values mean the config's serve section (host, port);
+    the application answers there under its name at ``/``, with the artifact as its model."""
+    import socket
+
+    import httpx
     from ray import serve
 
-    import pipelines.ray_utils
     from pipelines.serving import run_server
+    from serve.app import APP_NAME
 
-    calls = {}
-    monkeypatch.setattr(pipelines.ray_utils, "init_ray", lambda *a, **k: calls.setdefault("init", True))
-    monkeypatch.setattr(serve, "start", lambda **kw: calls.__setitem__("start", kw))
-    monkeypatch.setattr(serve, "run", lambda app, **kw: calls.__setitem__("run", kw))
-    url = run_server(str(tiny_artifact), None, host=None, port=9123, quantize=None, tracking_uri=None,
-                     blocking=False)
-    assert url == "http://127.0.0.1:9123" and calls["init"]
-    assert calls["start"] == {"http_options": {"host": "127.0.0.1", "port": 9123, "request_timeout_s": 30.0}}
-    assert calls["run"] == {"name": "mtl-ray", "route_prefix": "/"}
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cfg = _cfg(mlflow_enabled=False, serve={"port": port, "min_replicas": 1, "max_replicas": 1, "num_cpus": 0.5,
+                                            "max_texts": 3})
+    try:
+        url = run_server(str(tiny_artifact), cfg, host=None, port=None, quantize=None, tracking_uri=None,
+                         blocking=False)
+        assert url == f"http://127.0.0.1:{port}"
+        status = serve.status().applications[APP_NAME]
+        assert status.status == "RUNNING"
+        with httpx.Client(base_url=url, timeout=60) as client:
+            tasks = client.get("/v1/tasks")
+            assert tasks.status_code == 200 and tasks.json()["model"] == str(tiny_artifact)
+            assert [t["name"] for t in tasks.json()["tasks"]] == ["intent", "slots", "sentiment", "topic"]
+            r = client.post("/v1/predict", json={"texts": ["fly from boston to denver"], "tasks": ["intent"]})
+            assert r.status_code == 200 and set(r.json()["predictions"][0]) == {"intent"}
+            # the config's serve.max_texts reached the replica's request limits
+            too_many = client.post("/v1/predict", json={"texts": ["a"] * 4})
+            assert too_many.status_code == 413 and "the limit is 3" in too_many.json()["detail"]
+    finally:
+        serve.shutdown()
 
 
 @pytest.mark.parametrize("model", ["models:/m@champion", "runs:/abc/model"])
