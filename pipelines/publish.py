@@ -16,7 +16,7 @@ import shutil
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -56,7 +56,7 @@ class RunResult:
     run (step, objective, val/<task>/<metric>, train/loss/<task>, lr, samples_per_s, ...); a sweep's
     own record is ``sweep``."""
 
-    mode: str  # "train" | "sweep"
+    mode: Literal["train", "sweep"]
     run_dir: str
     model_dir: str
     mlflow_run_id: str | None
