@@ -161,8 +161,8 @@ def main(argv: list[str] | None = None) -> dict:
     for t in cfg.task_names:
         spec = cfg.task(t)
         m = primary_metric(spec.kind, data[t].labels)
-        a = runs["multi"]["test_metrics"][t][m]
-        b = runs[t]["test_metrics"][t][m]
+        a = runs["multi"].test_metrics[t][m]
+        b = runs[t].test_metrics[t][m]
         per_task[t] = {"metric": m, "multi_task": round(100 * a, 2), "single_task": round(100 * b, 2),
                        "diff_pts": round(100 * (a - b), 2)}
         targets.append(target(f"{t}_{m}_multi_minus_single", 100 * (a - b), -0.5, ">=", " pts"))
@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> dict:
                    / max(1, len(data[t].splits["test"])))
     short_texts = [r["text"] for r in data[shortest].splits["test"]][:n_texts]
     with phase(f"serving: {len(texts)} requests wanting all {k} tasks"):
-        serve = serving(runs["multi"]["model_dir"], {t: runs[t]["model_dir"] for t in cfg.task_names}, texts,
+        serve = serving(runs["multi"].model_dir, {t: runs[t].model_dir for t in cfg.task_names}, texts,
                         32, 2 if args.quick else 3, short_texts)
     serve["short_texts_from"] = shortest
     print(f"  requests/s: multi {serve['multi_task']['requests_per_s']}, four single "
@@ -185,8 +185,8 @@ def main(argv: list[str] | None = None) -> dict:
           f"{serve.get('short_speedup')}×", flush=True)
     targets.append(target("serving_requests_per_s_multi_over_four_single", serve["speedup"], 3.0, ">=", "×"))
 
-    loop_multi = run_history_loop_s(runs["multi"]["run_dir"])
-    loop_single = [run_history_loop_s(runs[t]["run_dir"]) for t in cfg.task_names]
+    loop_multi = run_history_loop_s(runs["multi"].run_dir)
+    loop_single = [run_history_loop_s(runs[t].run_dir) for t in cfg.task_names]
     figures = {
         "config": args.config or ("configs/quick.yaml" if args.quick else "configs/atis_sentiment_news.yaml"),
         "train_rows_per_task": {t: len(data[t].splits["train"]) for t in cfg.task_names},
@@ -197,8 +197,8 @@ def main(argv: list[str] | None = None) -> dict:
         "eval_every": {"multi": eval_every, "single": max(1, eval_every // k)},
         "per_task": per_task,
         "training_time_s": {
-            "multi_task_fit": runs["multi"]["fit_s"],
-            "single_task_fits_sum": round(sum(runs[t]["fit_s"] for t in cfg.task_names), 1),
+            "multi_task_fit": runs["multi"].fit_s,
+            "single_task_fits_sum": round(sum(runs[t].fit_s for t in cfg.task_names), 1),
             "multi_task_wall": round(multi_wall, 1),
             "single_task_wall_sum": round(single_wall, 1),
             "multi_task_loop": round(loop_multi, 1) if loop_multi else None,

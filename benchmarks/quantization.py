@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> dict:
         init_ray(log_to_driver=False)
         cfg = load_cfg(QUICK_CONFIG, [f"output_dir={tmp.name}", "train.max_steps=240"])
         with phase("no trained model found: training the quick config (240 steps)"):
-            model_dir = Path(run_training(cfg)["model_dir"])
+            model_dir = Path(run_training(cfg).model_dir)
         source = "quick config trained here for 240 steps"
     if cfg is None:
         cfg = load_cfg(QUICK_CONFIG)

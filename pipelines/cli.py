@@ -42,7 +42,7 @@ def cmd_train(args) -> int:
     from pipelines.train import run_training
 
     result = run_training(_config(args), resume=args.resume)
-    print(json.dumps(result.get("test_metrics", {}), indent=2))
+    print(json.dumps(result.test_metrics, indent=2))
     return 0
 
 
@@ -50,7 +50,7 @@ def cmd_tune(args) -> int:
     from pipelines.tuning import run_tune
 
     result = run_tune(_config(args), resume=args.resume)
-    print(json.dumps({k: v for k, v in result.items() if k != "table"}, indent=2, default=str))
+    print(json.dumps(result.summary(), indent=2, default=str))
     return 0
 
 

@@ -3,7 +3,10 @@ registry). Driver work only; nothing here runs on a training worker.
 
     result = trainer.fit()
     run = publish(cfg, result, data, run_dir, mlflow_run_id, register_model=True)
-    run.test_metrics, run.model_uri, run.history        # a RunResult
+    run.test_metrics, run.model_uri, run.history        # a RunResult (mode "train")
+
+A sweep's winner goes through the same ``publish_model`` and ``record`` (``pipelines.tuning.publish_sweep``):
+a ``RunResult`` with mode "sweep" and its ``SweepSummary``.
 """
 
 from __future__ import annotations
@@ -11,9 +14,9 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -24,17 +27,43 @@ MODEL_DIR = "model"  # the artifact inside every checkpoint
 
 
 @dataclass
-class RunResult:
-    """What one training run produced. ``history`` holds one record of scalar metrics per
-    evaluation (step, objective, val/<task>/<metric>, train/loss/<task>, lr, samples_per_s, ...)."""
+class SweepSummary:
+    """A sweep's own record, beside its winner's fields in ``RunResult``. ``best`` is the best trial:
+    ``trial_id``, ``lr``, ``task_weights``, the optional knobs it sampled, ``objective``, ``best_step``,
+    ``iterations`` (and, once registered, ``mlflow_run_id`` of its child run). ``table`` (a pandas
+    DataFrame, one row per trial) is for callers only: it is not part of ``summary()``."""
 
+    best: dict[str, Any]
+    best_checkpoint: str  # the best trial's best Ray Train checkpoint
+    trials: int
+    trials_stopped_early: int  # trials ASHA stopped before the budget
+    errors: int
+    max_t: int  # ASHA's budget in evaluations
+    max_concurrent_trials: int
+    equal_weights: dict[str, Any] | None = None  # with tune.compare_equal: the λ = 1 trial's objective
+    table: Any = field(default=None, repr=False, compare=False)
+
+    def summary(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "table"}
+
+
+@dataclass
+class RunResult:
+    """What one training run (``mode="train"``) or one sweep (``mode="sweep"``) produced: the
+    published model of the best checkpoint and its test metrics. ``run_dir`` is the output folder
+    (``train-<time>`` or ``sweep-<time>``), ``mlflow_run_id`` the run the model is logged on (the
+    sweep's parent run). ``history`` holds one record of scalar metrics per evaluation of a training
+    run (step, objective, val/<task>/<metric>, train/loss/<task>, lr, samples_per_s, ...); a sweep's
+    own record is ``sweep``."""
+
+    mode: Literal["train", "sweep"]
     run_dir: str
     model_dir: str
     mlflow_run_id: str | None
     best_step: int | None
     best_objective: float | None
-    steps: int | None
-    stopped_early: bool
+    steps: int | None  # the last step trained (None for a sweep)
+    stopped_early: bool  # the (winning) run stopped on ``train.patience``
     samples_per_s: float | None
     wall_s: float
     fit_s: float
@@ -43,17 +72,15 @@ class RunResult:
     model_uri: str | None = None
     registered_version: str | None = None
     calibration: dict[str, dict[str, Any]] = field(default_factory=dict)  # per task: temperature, ECE before/after
+    sweep: SweepSummary | None = None
 
     def summary(self) -> dict[str, Any]:
-        """Everything but the history, as summary.json holds it."""
-        return {k: v for k, v in asdict(self).items() if k != "history"}
-
-    # Transitional: callers written for the old summary dict (pipelines/run.py) read keys.
-    def __getitem__(self, key: str) -> Any:
-        return getattr(self, key)
-
-    def get(self, key: str, default: Any = None) -> Any:
-        return getattr(self, key, default)
+        """Everything but the history and the sweep's table, as summary.json holds it; a sweep's
+        fields are at the top level, with ``sweep_dir`` and ``parent_run_id`` naming its folder and run."""
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("history", "sweep")}
+        if self.sweep is not None:
+            out.update(self.sweep.summary(), sweep_dir=self.run_dir, parent_run_id=self.mlflow_run_id)
+        return out
 
 
 def run_dir(cfg: RunConfig, resume: bool) -> Path:
@@ -195,41 +222,47 @@ def publish_model(cfg: RunConfig, checkpoint, data: dict[str, TaskData], dest: P
     return out
 
 
-def _log_run(run: RunResult) -> None:
-    from mlflow.tracking import MlflowClient
+def record(run: RunResult) -> RunResult:
+    """The common end of training and of a sweep: ``summary.json`` (and a training run's
+    ``history.jsonl``) in the output folder; with MLflow, ``wall_s``, ``fit_s`` and the summary on
+    the run (a training run is then closed: a sweep's parent was closed by the sweep)."""
+    if run.mlflow_run_id:
+        from mlflow.tracking import MlflowClient
 
-    from pipelines import tracking
+        from pipelines import tracking
 
-    client = MlflowClient()
-    for k in ("wall_s", "fit_s"):
-        client.log_metric(run.mlflow_run_id, k, getattr(run, k))
-    tracking.log_summary(run.mlflow_run_id, run.summary())
-    tracking.end_run(run.mlflow_run_id)
+        client = MlflowClient()
+        for k in ("wall_s", "fit_s"):
+            client.log_metric(run.mlflow_run_id, k, getattr(run, k))
+        tracking.log_summary(run.mlflow_run_id, run.summary())
+        if run.mode == "train":
+            tracking.end_run(run.mlflow_run_id)
+    folder = Path(run.run_dir)
+    (folder / "summary.json").write_text(json.dumps(run.summary(), indent=2, default=str))
+    if run.mode == "train":
+        (folder / "history.jsonl").write_text("".join(json.dumps(h) + "\n" for h in run.history))
+    best = f"{run.best_objective:.4f}" if run.best_objective is not None else "n/a"
+    print(f"[{run.mode}] done in {run.wall_s}s; best objective {best} at step {run.best_step}; "
+          "test: " + ", ".join(f"{t} " + " ".join(f"{k}={v:.4f}" for k, v in m.items())
+                               for t, m in run.test_metrics.items()), flush=True)
+    return run
 
 
 def publish(cfg: RunConfig, result, data: dict[str, TaskData], folder: Path, mlflow_run_id: str | None,
             register_model: bool = False, started: float | None = None, fit_s: float = 0.0) -> RunResult:
-    """Copy the best checkpoint's model to ``folder/model``, evaluate it on the test sets, write
-    ``summary.json`` and ``history.jsonl`` (one line per evaluation) and, with an MLflow run, log reports, plots, card and model (and register it)."""
+    """A training run's result: its best checkpoint through ``publish_model`` (``folder/model``, test
+    sets, MLflow), then ``record`` (summary.json, history.jsonl, the run's summary)."""
     ckpt, best = best_checkpoint(result)
     last = result.metrics or {}
     samples = last.get("samples_per_s")
     published = publish_model(cfg, ckpt, data, folder / MODEL_DIR, mlflow_run_id, {
         "best step": best.get("step"), "training wall time (s)": round(fit_s, 1),
         "samples/s": f"{samples:.1f}" if samples else "n/a"}, register_model)
-    run = RunResult(
-        run_dir=str(folder), model_dir=str(published.model_dir), mlflow_run_id=mlflow_run_id,
+    return record(RunResult(
+        mode="train", run_dir=str(folder), model_dir=str(published.model_dir), mlflow_run_id=mlflow_run_id,
         best_step=best.get("step"), best_objective=best.get("objective"), steps=last.get("step"),
         stopped_early=bool(last.get("stopped_early", 0)), samples_per_s=samples,
         wall_s=round(time.time() - (started or time.time()), 1), fit_s=round(fit_s, 1),
         test_metrics=published.test_metrics, history=history(result), model_uri=published.model_uri,
         registered_version=published.registered_version, calibration=published.calibration,
-    )
-    if mlflow_run_id:
-        _log_run(run)
-    (folder / "summary.json").write_text(json.dumps(run.summary(), indent=2, default=str))
-    (folder / "history.jsonl").write_text("".join(json.dumps(h) + "\n" for h in run.history))
-    print(f"[train] done in {run.wall_s}s; best objective {run.best_objective:.4f} at step {run.best_step}; "
-          "test: " + ", ".join(f"{t} " + " ".join(f"{k}={v:.4f}" for k, v in m.items())
-                               for t, m in run.test_metrics.items()), flush=True)
-    return run
+    ))

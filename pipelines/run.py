@@ -21,6 +21,7 @@ from typing import Any
 
 from mtl.config import RunConfig
 from mtl.tracking import absolute_tracking_uri
+from pipelines.publish import RunResult
 
 SAMPLE_TEXTS = [
     "show me flights from boston to denver tomorrow morning",
@@ -40,17 +41,19 @@ def results_table(test_metrics: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
-def champion_reference(cfg: RunConfig, summary: dict[str, Any]) -> str:
+def champion_reference(cfg: RunConfig, result: RunResult) -> str:
     """What to serve and print: the registry alias when the model was registered, else (MLflow
     disabled) the local model directory."""
-    if summary.get("registered_version") is not None:
+    if result.registered_version is not None:
         return f"models:/{cfg.mlflow.registered_model}@champion"
-    if not summary.get("model_dir"):
+    if not result.model_dir:
         raise RuntimeError("the run produced neither a registered model nor a model directory")
-    return str(summary["model_dir"])
+    return str(result.model_dir)
 
 
-def run_pipeline(cfg: RunConfig, serve: bool = False, data: dict | None = None) -> dict[str, Any]:
+def run_pipeline(cfg: RunConfig, serve: bool = False, data: dict | None = None) -> RunResult:
+    """Returns the sweep's (mode "sweep") or the training run's (mode "train") ``RunResult``; prints
+    its summary with ``champion`` (what is served) and ``pipeline_wall_s`` (data read included)."""
     from pipelines.data import read_tasks, summarize
     from pipelines.ray_utils import init_ray
     from pipelines.train import check_train_config
@@ -67,30 +70,19 @@ def run_pipeline(cfg: RunConfig, serve: bool = False, data: dict | None = None) 
 
         _stage("sweep", t0, f"{cfg.tune.num_samples} trials, {cfg.tune.search} search, ASHA")
         result = run_tune(cfg, data=data)
-        summary = {
-            "mode": "sweep", "best": result.get("best"), "test_metrics": result["test_metrics"],
-            "model_dir": result.get("model_dir"), "model_uri": result.get("model_uri"),
-            "registered_version": result.get("registered_version"),
-            "mlflow_run_id": result.get("parent_run_id"), "output": result.get("sweep_dir"),
-        }
     else:
         from pipelines.train import run_training
 
         _stage("train", t0, f"{cfg.train.max_steps} steps, {cfg.train.num_workers} worker(s)")
         result = run_training(cfg, data=data, register_model=True)
-        summary = {
-            "mode": "train", "test_metrics": result["test_metrics"], "model_dir": result.get("model_dir"),
-            "model_uri": result.get("model_uri"), "registered_version": result.get("registered_version"),
-            "mlflow_run_id": result.get("mlflow_run_id"), "output": result.get("run_dir"),
-        }
-    champion = champion_reference(cfg, summary)
-    summary.update({"champion": champion, "wall_s": round(time.time() - t0, 1)})
-    if summary["registered_version"] is not None:
-        _stage("register", t0, f"{champion} -> version {summary['registered_version']}")
+    champion = champion_reference(cfg, result)
+    if result.registered_version is not None:
+        _stage("register", t0, f"{champion} -> version {result.registered_version}")
     else:
         _stage("model", t0, f"{champion} (MLflow disabled: not registered)")
-    print(results_table(summary["test_metrics"]), flush=True)
-    print(json.dumps(summary, indent=2, default=str), flush=True)
+    print(results_table(result.test_metrics), flush=True)
+    shown = {**result.summary(), "champion": champion, "pipeline_wall_s": round(time.time() - t0, 1)}
+    print(json.dumps(shown, indent=2, default=str), flush=True)
     if serve:
         from pipelines.serving import run_server
 
@@ -100,7 +92,7 @@ def run_pipeline(cfg: RunConfig, serve: bool = False, data: dict | None = None) 
         print(json.dumps(sample_request(url, SAMPLE_TEXTS), indent=2), flush=True)
         print("[run] serving until Ctrl-C", flush=True)
         _block_until_interrupt()
-    return summary
+    return result
 
 
 def sample_request(url: str, texts: list[str]) -> dict[str, Any]:

@@ -12,12 +12,12 @@ with the alias ``champion``.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from typing import Any
 
 from mtl.config import RunConfig
+from pipelines.publish import MODEL_DIR, RunResult, SweepSummary, publish_model, record
 from tune.sweep import STAGE_TRIAL, SweepResult, TrialSpec, find_child_runs, run_sweep
 
 
@@ -37,13 +37,10 @@ class TrialTrainer:
 
 
 def run_tune(cfg: RunConfig, resume: bool = False, data: dict[str, Any] | None = None,
-             callbacks: list | None = None) -> dict[str, Any]:
+             callbacks: list | None = None) -> RunResult:
     """Data -> sweep -> best checkpoint -> test sets -> MLflow parent run -> registered ``champion``.
-
-    Returns ``best`` (params and objective), ``test_metrics``, ``model_dir``, ``best_checkpoint``,
-    ``model_uri``, ``registered_version``, ``parent_run_id``, ``sweep_dir``, ``table`` (a DataFrame,
-    one row per trial), ``wall_s``, ``trials``, ``stopped_early``, ``errors``, and ``equal_weights``
-    (with ``tune.compare_equal``, else None). ``callbacks`` are extra Tune callbacks."""
+    Returns a ``RunResult`` with mode "sweep" (``.sweep`` holds the best trial, the trial table and
+    the counts). ``callbacks`` are extra Tune callbacks."""
     from pipelines.data import read_tasks
     from pipelines.ray_utils import init_ray
 
@@ -54,26 +51,31 @@ def run_tune(cfg: RunConfig, resume: bool = False, data: dict[str, Any] | None =
     return publish_sweep(cfg, result, data, t0)
 
 
-def publish_sweep(cfg: RunConfig, result: SweepResult, data: dict[str, Any], t0: float | None = None
-                  ) -> dict[str, Any]:
-    """The winner of ``result``: its model directory, test metrics and (with MLflow) the parent run's
-    test reports, model card, logged model and registered version; returns the summary."""
-    from ray.train import Checkpoint
-
-    from pipelines import tracking
-    from pipelines.publish import publish_model
-
-    parent, best, equal, spec = result.parent_run_id, result.best, result.equal_weights, cfg.tune
-    card_extra = {"sweep": f"{result.trials} trials ({spec.search} search, ASHA stopped {result.stopped_early})",
+def _card_extra(cfg: RunConfig, result: SweepResult) -> dict[str, Any]:
+    best, equal = result.best, result.equal_weights
+    card_extra = {"sweep": f"{result.trials} trials ({cfg.tune.search} search, ASHA stopped {result.stopped_early})",
                   "best trial": best["trial_id"], "best validation objective": f"{best['objective']:.4f}",
                   "learning rate": f"{best['lr']:.3g}"}
     for t, w in (best.get("task_weights") or {}).items():
         card_extra[f"loss weight λ {t}"] = f"{w:.3f}"
     if equal:
         card_extra["equal weights (λ = 1) validation objective"] = f"{equal['objective']:.4f}"
+    return card_extra
+
+
+def publish_sweep(cfg: RunConfig, result: SweepResult, data: dict[str, Any], t0: float | None = None
+                  ) -> RunResult:
+    """The winner of ``result`` through the publishing stage training uses (``publish_model``, then
+    ``record``): ``<sweep dir>/model``, test metrics and, with MLflow, the parent run's test reports,
+    model card, logged model, registered version and summary."""
+    from ray.train import Checkpoint
+
+    from pipelines import tracking
+
+    parent, best = result.parent_run_id, result.best
     try:
-        published = publish_model(cfg, Checkpoint(result.best_checkpoint), data, result.sweep_dir / "model", parent,
-                                  card_extra, register=bool(parent),
+        published = publish_model(cfg, Checkpoint(result.best_checkpoint), data, result.sweep_dir / MODEL_DIR,
+                                  parent, _card_extra(cfg, result), register=bool(parent),
                                   description=f"Best of sweep {result.sweep_dir.name}: trial {best['trial_id']}, "
                                               f"validation objective {best['objective']:.4f}")
         if published.registered_version:
@@ -82,25 +84,19 @@ def publish_sweep(cfg: RunConfig, result: SweepResult, data: dict[str, Any], t0:
         if parent:
             tracking.end_run(parent, "FAILED")
         raise
-    summary: dict[str, Any] = {
-        "best": result.best, "test_metrics": published.test_metrics, "calibration": published.calibration,
-        "model_dir": str(published.model_dir), "best_checkpoint": result.best_checkpoint,
-        "model_uri": published.model_uri, "registered_version": published.registered_version,
-        "parent_run_id": result.parent_run_id, "sweep_dir": str(result.sweep_dir), "trials": result.trials,
-        "stopped_early": result.stopped_early, "errors": result.errors, "max_t": result.max_t,
-        "max_concurrent_trials": result.max_concurrent_trials, "equal_weights": result.equal_weights,
-    }
-    summary["wall_s"] = round(time.time() - t0, 1) if t0 is not None else result.wall_s
-    if parent:
-        from mlflow.tracking import MlflowClient
-
-        MlflowClient().log_metric(parent, "wall_s", summary["wall_s"])
-        tracking.log_summary(parent, summary)
-    (result.sweep_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-    summary["table"] = result.shown_table()
-    print("[tune] test: " + ", ".join(f"{t} " + " ".join(f"{k}={v:.4f}" for k, v in m.items())
-                                      for t, m in summary["test_metrics"].items()), flush=True)
-    return summary
+    winner = result.table.set_index("trial_id").loc[best["trial_id"]]
+    sweep = SweepSummary(best=best, best_checkpoint=result.best_checkpoint, trials=result.trials,
+                         trials_stopped_early=result.stopped_early, errors=result.errors, max_t=result.max_t,
+                         max_concurrent_trials=result.max_concurrent_trials, equal_weights=result.equal_weights,
+                         table=result.shown_table())
+    return record(RunResult(
+        mode="sweep", run_dir=str(result.sweep_dir), model_dir=str(published.model_dir), mlflow_run_id=parent,
+        best_step=best["best_step"], best_objective=best["objective"], steps=None,
+        stopped_early=bool(winner.get("patience_stop", False)), samples_per_s=result.best_metrics.get("samples_per_s"),
+        wall_s=round(time.time() - t0, 1) if t0 is not None else result.wall_s, fit_s=result.wall_s,
+        test_metrics=published.test_metrics, model_uri=published.model_uri,
+        registered_version=published.registered_version, calibration=published.calibration, sweep=sweep,
+    ))
 
 
 def _tag_version(cfg: RunConfig, result: SweepResult, version: str) -> None:

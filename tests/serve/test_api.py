@@ -154,12 +154,35 @@ def test_builder_settings(monkeypatch):
     assert builder_settings({})[0] == "runs/x/model"
 
 
-def test_app_builder_binds_without_ray(tiny_artifact):
-    from ray.serve import Application
+def test_app_builder_binds_the_configs_deployment_without_ray(tiny_artifact, tmp_path, monkeypatch):
+    """What ``serve run serve.app:app_builder`` deploys: the config's serve section, overridden by
+    top-level args, becomes the deployment's options and the replica's constructor arguments."""
+    import yaml
 
-    from serve.app import app_builder
+    from serve.app import DEPLOYMENT_NAME, app_builder
 
-    assert isinstance(app_builder({"model": str(tiny_artifact), "max_replicas": 1}), Application)
+    monkeypatch.delenv("MTL_RAY_TOKEN", raising=False)
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({
+        "tasks": [{"name": "t", "kind": "sequence_classification", "source": {"type": "bbc"}}],
+        "mlflow": {"tracking_uri": "sqlite:///from-config.db"},
+        "serve": {"max_replicas": 3, "num_cpus": 0.5, "target_ongoing_requests": 4, "max_ongoing_requests": 16,
+                  "max_batch_tokens": 256, "max_texts": 5},
+    }))
+    app = app_builder({"model": str(tiny_artifact), "config": str(config), "min_replicas": 0, "max_texts": 6})
+    # Serve keeps the bound deployment on the application (no public accessor in Ray 2.x)
+    d = app._bound_deployment
+    assert d.name == DEPLOYMENT_NAME
+    assert d.ray_actor_options == {"num_cpus": 0.5, "num_gpus": 0.0}
+    assert d.max_ongoing_requests == 16
+    assert d.logging_config["enable_access_log"] is False
+    auto = d._deployment_config.autoscaling_config
+    assert (auto.min_replicas, auto.initial_replicas, auto.max_replicas, auto.target_ongoing_requests) == (0, 1, 3, 4)
+    model, model_dir, spec, tracking_uri, version = d.init_args
+    assert (model, model_dir, tracking_uri, version) == (str(tiny_artifact), str(tiny_artifact),
+                                                          "sqlite:///from-config.db", None)
+    assert spec == ServeSpec(max_replicas=3, num_cpus=0.5, target_ongoing_requests=4, max_ongoing_requests=16,
+                             max_batch_tokens=256, max_texts=6, min_replicas=0).model_dump(mode="json")
     with pytest.raises(FileNotFoundError):
         app_builder({"model": str(tiny_artifact / "nope")})
 

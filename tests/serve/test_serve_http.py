@@ -384,7 +384,11 @@ def test_moving_the_alias_under_load_switches_versions_with_no_failed_request(ba
     for w in workers:
         w.start()
     try:
-        time.sleep(2.0)
+        # steady load first: answers from version 1 (not a fixed wait, which a slow replica can outlast)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and sum(v == "1" for _, _, v, _ in seen) < 8:
+            time.sleep(0.05)
+        assert sum(v == "1" for _, _, v, _ in seen) >= 8, seen[-3:]
         moved = time.monotonic()
         client.set_registered_model_alias("tiny-follow", "champion", "2")
         deadline = moved + 60

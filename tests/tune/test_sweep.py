@@ -65,17 +65,17 @@ def sweep(ray_session, tiny_encoder, tmp_path_factory):
 
 def test_asha_stopped_a_trial_before_the_budget(sweep):
     cfg, out = sweep
-    table = out["table"]
+    table = out.sweep.table
     budget = 8  # ceil(16 / 2) evaluations
-    assert out["trials"] == len(table) == 4
+    assert out.sweep.trials == len(table) == 4
     assert table["iterations"].max() == budget  # at least one trial ran its whole budget
     assert (table["iterations"] < budget).sum() >= 1  # ... and ASHA cut at least one short
-    assert out["stopped_early"] == int(table["stopped_early"].sum()) >= 1
+    assert out.sweep.trials_stopped_early == int(table["stopped_early"].sum()) >= 1
     assert (table.loc[table["stopped_early"], "iterations"] < budget).all()
     # iterations come from Tune's own records, not from the table's arithmetic
     from ray.tune import ExperimentAnalysis
 
-    analysis = ExperimentAnalysis(str(Path(out["sweep_dir"]) / "trials"))
+    analysis = ExperimentAnalysis(str(Path(out.run_dir) / "trials"))
     iters = {t.trial_id: t.last_result["training_iteration"] for t in analysis.trials}
     assert iters == dict(zip(table["trial_id"], table["iterations"]))
     # weights on the simplex, scaled to the number of tasks
@@ -88,13 +88,13 @@ def test_mlflow_holds_one_parent_and_a_child_per_trial(sweep):
     client = _client(cfg)
     parents = _runs(client, cfg, "sweep")
     children = _runs(client, cfg, "trial")
-    assert [p.info.run_id for p in parents] == [out["parent_run_id"]]
+    assert [p.info.run_id for p in parents] == [out.mlflow_run_id]
     assert len(children) == 4 == len(_runs(client, cfg)) - 1
-    assert all(c.data.tags["mlflow.parentRunId"] == out["parent_run_id"] for c in children)
+    assert all(c.data.tags["mlflow.parentRunId"] == out.mlflow_run_id for c in children)
     statuses = {c.data.tags["mtl_ray.trial_id"]: c.info.status for c in children}
-    assert set(statuses) == set(out["table"]["trial_id"])
+    assert set(statuses) == set(out.sweep.table["trial_id"])
     assert "RUNNING" not in statuses.values() and parents[0].info.status == "FINISHED"
-    table = out["table"].set_index("trial_id")
+    table = out.sweep.table.set_index("trial_id")
     for c in children:
         tid = c.data.tags["mtl_ray.trial_id"]
         # ASHA-stopped trials are KILLED, the others FINISHED
@@ -117,8 +117,8 @@ def test_champion_is_the_best_trial(sweep):
     cfg, out = sweep
     client = _client(cfg)
     mv = client.get_model_version_by_alias(cfg.mlflow.registered_model, "champion")
-    assert str(mv.version) == str(out["registered_version"])
-    assert mv.run_id == out["parent_run_id"]
+    assert str(mv.version) == str(out.registered_version)
+    assert mv.run_id == out.mlflow_run_id
     # the trial behind the champion has the highest objective of all child runs (MLflow's own records)
     best_by_run = {}
     for c in _runs(client, cfg, "trial"):
@@ -126,30 +126,30 @@ def test_champion_is_the_best_trial(sweep):
         best_by_run[c.info.run_id] = max(m.value for m in hist)
     winner = max(best_by_run, key=best_by_run.get)
     assert mv.tags["mtl_ray.trial_run_id"] == winner
-    assert best_by_run[winner] == pytest.approx(out["best"]["objective"], abs=1e-9)
+    assert best_by_run[winner] == pytest.approx(out.sweep.best["objective"], abs=1e-9)
     assert float(mv.tags["mtl_ray.validation_objective"]) == pytest.approx(best_by_run[winner], abs=1e-5)
     winner_run = client.get_run(winner)
-    parent = client.get_run(out["parent_run_id"])
-    assert parent.data.params["best.lr"] == str(out["best"]["lr"])
-    assert float(winner_run.data.params["trial.lr"]) == pytest.approx(out["best"]["lr"], rel=1e-6)
+    parent = client.get_run(out.mlflow_run_id)
+    assert parent.data.params["best.lr"] == str(out.sweep.best["lr"])
+    assert float(winner_run.data.params["trial.lr"]) == pytest.approx(out.sweep.best["lr"], rel=1e-6)
     assert parent.data.metrics["best_objective"] == pytest.approx(best_by_run[winner])
-    assert set(out["test_metrics"]) == {"intent", "slots"}
-    assert parent.data.metrics["test/intent/accuracy"] == pytest.approx(out["test_metrics"]["intent"]["accuracy"])
+    assert set(out.test_metrics) == {"intent", "slots"}
+    assert parent.data.metrics["test/intent/accuracy"] == pytest.approx(out.test_metrics["intent"]["accuracy"])
     # the copied model is the best checkpoint: its manifest holds the config's tasks with the data's
     # labels, and the step and validation metrics of the best trial's best evaluation
     import json
 
     from pipelines.data import read_tasks, task_infos
 
-    manifest = json.loads((Path(out["model_dir"]) / "manifest.json").read_text())
+    manifest = json.loads((Path(out.model_dir) / "manifest.json").read_text())
     infos = {i.name: i for i in task_infos(cfg, read_tasks(cfg))}
     assert [(t["name"], t["kind"]) for t in manifest["tasks"]] == [("intent", "sequence_classification"),
                                                                     ("slots", "token_classification")]
     for t in manifest["tasks"]:
         assert t["labels"] == infos[t["name"]].labels and len(t["labels"]) > 1
     assert "O" in manifest["tasks"][1]["labels"]
-    assert manifest["step"] == out["best"]["best_step"]
-    best_row = out["table"].set_index("trial_id").loc[out["best"]["trial_id"]]
+    assert manifest["step"] == out.sweep.best["best_step"]
+    best_row = out.sweep.table.set_index("trial_id").loc[out.sweep.best["trial_id"]]
     assert manifest["validation"]["intent"]["accuracy"] == pytest.approx(best_row["val/intent/accuracy"])
     assert manifest["validation"]["slots"]["f1"] == pytest.approx(best_row["val/slots/f1"])
 
@@ -157,7 +157,7 @@ def test_champion_is_the_best_trial(sweep):
 def test_parent_holds_the_table_plot_and_model(sweep):
     cfg, out = sweep
     client = _client(cfg)
-    parent = out["parent_run_id"]
+    parent = out.mlflow_run_id
     files = {a.path for a in client.list_artifacts(parent, "sweep")}
     assert files == {"sweep/sweep_table.csv", "sweep/sweep.png"}
     import pandas as pd
@@ -171,10 +171,38 @@ def test_parent_holds_the_table_plot_and_model(sweep):
     top = {a.path for a in client.list_artifacts(parent)}
     assert {"model_card.md", "reports", "plots", "summary.json"} <= top
     # the model is an MLflow logged model of the parent run, the one the registry points at
-    model_id = out["model_uri"].rsplit("/", 1)[-1]
+    model_id = out.model_uri.rsplit("/", 1)[-1]
     assert client.get_logged_model(model_id).source_run_id == parent
     mv = client.get_model_version_by_alias(cfg.mlflow.registered_model, "champion")
-    assert mv.source == out["model_uri"]
+    assert mv.source == out.model_uri
+
+
+def test_the_sweep_returns_the_result_training_returns(sweep):
+    """``run_tune`` gives the ``RunResult`` ``run_training`` gives (mode "sweep", the winner's common
+    fields) with the sweep's own record; summary.json (folder and parent run) is its summary, with the
+    sweep's keys at the top level and no trial table."""
+    import json
+
+    cfg, out = sweep
+    best, table = out.sweep.best, out.sweep.table
+    assert out.mode == "sweep" and out.history == [] and out.steps is None
+    assert (out.best_objective, out.best_step) == (best["objective"], best["best_step"])
+    assert out.model_dir == str(Path(out.run_dir) / "model") and Path(out.run_dir).name.startswith("sweep-")
+    assert out.stopped_early is bool(table.set_index("trial_id").loc[best["trial_id"], "patience_stop"])
+    assert out.sweep.best_checkpoint and Path(out.sweep.best_checkpoint).exists()
+    assert (out.sweep.max_t, out.sweep.max_concurrent_trials, out.sweep.errors) == (8, 2, 0)
+    assert out.sweep.equal_weights is None  # tune.compare_equal is off here
+    assert set(out.calibration) == {"intent", "slots"} and out.wall_s >= out.fit_s > 0
+    saved = json.loads((Path(out.run_dir) / "summary.json").read_text())
+    assert saved == json.loads(json.dumps(out.summary(), default=str))
+    assert "table" not in saved and "history" not in saved and "sweep" not in saved
+    assert {"best", "test_metrics", "calibration", "model_dir", "best_checkpoint", "model_uri", "registered_version",
+            "parent_run_id", "sweep_dir", "trials", "errors", "max_t", "max_concurrent_trials", "equal_weights",
+            "wall_s", "mode"} <= set(saved)
+    assert (saved["sweep_dir"], saved["parent_run_id"], saved["trials"]) == (out.run_dir, out.mlflow_run_id, 4)
+    assert saved["trials_stopped_early"] == int(table["stopped_early"].sum())
+    logged = _client(cfg).download_artifacts(out.mlflow_run_id, "summary.json")
+    assert json.loads(Path(logged).read_text()) == saved
 
 
 def _interrupt_after_first_trial(marker: Path):
@@ -237,9 +265,9 @@ def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(ray_sess
     best_before = analysis.trial_dataframes[done[0]]["objective"].max()
 
     out = run_tune(cfg, resume=True)
-    assert out["sweep_dir"] == str(sweep_dirs[0]) and out["trials"] == 2
+    assert out.run_dir == str(sweep_dirs[0]) and out.sweep.trials == 2
     after = {d.name: sorted(p.name for p in d.iterdir()) for d in starts.iterdir()}
-    table = out["table"].set_index("trial_id")
+    table = out.sweep.table.set_index("trial_id")
     # the finished trial was not started again and kept its results
     assert after[done[0]] == first[done[0]] == ["1"]
     assert table.loc[done[0], "iterations"] == before[done[0]][1]["training_iteration"]
@@ -254,20 +282,20 @@ def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(ray_sess
     assert all(r.info.status == "FINISHED" or r.info.status == "KILLED" for r in runs)
     assert _runs(client, cfg, "sweep")[0].info.status == "FINISHED"
     # the equal-weights comparison: λ = 1 for both tasks at the best trial's lr
-    eq = out["equal_weights"]
-    assert eq is not None and eq["lr"] == pytest.approx(out["best"]["lr"])
+    eq = out.sweep.equal_weights
+    assert eq is not None and eq["lr"] == pytest.approx(out.sweep.best["lr"])
     eq_run = _runs(client, cfg, "equal_weights")[0]
     assert float(eq_run.data.params["trial.lambda.intent"]) == pytest.approx(1.0)
     assert float(eq_run.data.params["trial.lambda.slots"]) == pytest.approx(1.0)
-    assert eq["best_minus_equal"] == pytest.approx(out["best"]["objective"] - eq["objective"])
-    assert isinstance(out["table"], pd.DataFrame)
+    assert eq["best_minus_equal"] == pytest.approx(out.sweep.best["objective"] - eq["objective"])
+    assert isinstance(out.sweep.table, pd.DataFrame)
 
 
 def test_the_module_sweep_searched_with_optuna(sweep):
     """``tune.search: optuna`` (the module's sweep; random search is the resume test's): Tune saved
     Optuna's searcher with the experiment, and the trials' lrs are Optuna's draws within bounds."""
     _, out = sweep
-    table = out["table"]
+    table = out.sweep.table
     assert table["lr"].between(1e-4, 5e-2).all() and table["lr"].nunique() == len(table)
-    states = list((Path(out["sweep_dir"]) / "trials").glob("searcher-state-*"))
+    states = list((Path(out.run_dir) / "trials").glob("searcher-state-*"))
     assert states and b"optuna" in states[0].read_bytes().lower()
