@@ -107,6 +107,8 @@ class TrainSpec(_Strict):
     strategy: Literal["ddp", "fsdp"] = "ddp"
     num_workers: int = Field(1, ge=1)
     cpus_per_worker: float = Field(1.0, gt=0)
+    # Ray's placement of the workers: PACK (fill a node first), SPREAD, STRICT_SPREAD (one per node)
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     use_gpu: bool | Literal["auto"] = "auto"  # auto: GPUs when the cluster has them
     batch_size: int = Field(32, ge=1)  # global examples per task batch (split across workers)
     grad_accum: int = Field(1, ge=1)

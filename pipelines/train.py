@@ -237,7 +237,8 @@ def build_trainer(cfg: RunConfig, loop_config: LoopConfig, datasets: dict[str, A
         train_loop_per_worker,
         train_loop_config=loop_config,
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
+        scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=use_gpu, resources_per_worker=resources,
+                                     placement_strategy=tc.placement_strategy),
         run_config=RayRunConfig(
             name=run_name,
             storage_path=storage_path,
@@ -263,10 +264,11 @@ def run_training(cfg: RunConfig, resume: bool = False, data: dict[str, TaskData]
     from pipelines.ray_utils import init_ray
 
     check_train_config(cfg)
-    from pipelines.ray_utils import required_cpus
+    from pipelines.ray_utils import check_resources, required_cpus
 
     data = data or read_tasks(cfg)  # fails before Ray on bad data
     init_ray(min_cpus=required_cpus(cfg))
+    check_resources(cfg)  # before any folder, MLflow run or worker
     folder = publish.run_dir(cfg, resume)
     folder.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
