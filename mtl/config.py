@@ -98,12 +98,17 @@ class DataSpec(_Strict):
     validation_fraction: float = Field(0.1, gt=0, lt=0.5)
     test_fraction: float = Field(0.1, gt=0, lt=0.5)
     tokenize_batch_size: int = Field(256, ge=1)  # rows per map_batches call
+    # CPUs left free for Ray Data's read and tokenize tasks beside the training workers: a run whose
+    # workers take every CPU would otherwise wait forever for its data
+    cpus: float = Field(1.0, gt=0)
 
 
 class TrainSpec(_Strict):
     strategy: Literal["ddp", "fsdp"] = "ddp"
     num_workers: int = Field(1, ge=1)
     cpus_per_worker: float = Field(1.0, gt=0)
+    # Ray's placement of the workers: PACK (fill a node first), SPREAD, STRICT_SPREAD (one per node)
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     use_gpu: bool | Literal["auto"] = "auto"  # auto: GPUs when the cluster has them
     batch_size: int = Field(32, ge=1)  # global examples per task batch (split across workers)
     grad_accum: int = Field(1, ge=1)
@@ -127,6 +132,12 @@ class TrainSpec(_Strict):
     max_failures: int = Field(2, ge=0)
     seed: int = 13
     threads_per_worker: int | None = Field(None, ge=1)  # torch intra-op threads; None: cpus_per_worker
+    # streaming: each worker streams its own shard of every task's splits (Ray Train's streaming
+    # split), so no worker holds a whole split; replicated: every worker holds every split and
+    # takes its slice of the same seeded global batches, so any worker count trains on exactly
+    # the same examples (small data; reproducibility checks)
+    data_sharding: Literal["streaming", "replicated"] = "streaming"
+    shuffle_buffer: int = Field(1024, ge=1)  # streaming: rows in each worker's local shuffle buffer
     # after training: fit one temperature per scored task on the validation split (mtl.calibration),
     # stored in the model's manifest, so served scores are calibrated; labels never change
     calibrate: bool = True

@@ -3,11 +3,17 @@
     engine = Engine(model, data, EngineConfig(max_steps=60, batch_size=16, lr=3e-3))
     engine.fit()                         # one process; or under any torch.distributed process group
 
-``data`` is ``{task: {"train": arrays, "validation": arrays}}``, each split a dict of numpy arrays
-(``input_ids``, ``attention_mask``, ``labels``, ``idx``) holding the whole split on every rank.
-Every rank draws the same task sequence (``TaskSampler``) and the same global batches
-(``BatchStream``) and takes its own slice of each (``rows[rank::world]``), so 1 process and N
-processes at the same global batch train on the same examples. One optimizer step is
+``data`` is ``{task: {"train": ..., "validation": ...}}``. A split is either
+
+- a dict of numpy arrays (``input_ids``, ``attention_mask``, ``labels``, ``idx``) holding the whole
+  split on every rank: every rank draws the same global batches (``BatchStream``) and takes its
+  own slice of each (``rows[rank::world]``), so 1 process and N processes at the same global
+  batch train on exactly the same examples (tests, benchmarks, small data); or
+- this rank's own shard: ``StreamBatches`` for training (batches streamed from whatever sharded
+  the data, e.g. Ray Train's streaming split, re-iterated per epoch) and ``Shard`` for
+  evaluation. No rank then holds a whole split.
+
+Every rank draws the same task sequence (``TaskSampler``) either way. One optimizer step is
 ``grad_accum`` micro-batches of each sampled task; validation every ``eval_every`` steps; early
 stopping on the objective after ``patience`` evaluations without improvement.
 
@@ -68,6 +74,70 @@ class EngineConfig:
         values = {f.name: getattr(train, f.name) for f in fields(cls) if hasattr(train, f.name)}
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
+
+
+class StreamBatches:
+    """This rank's shard of a task's training split, streamed.
+
+    ``epoch(e)`` returns a fresh iterator over this rank's batches for epoch ``e`` (dicts of numpy
+    arrays with ``input_ids``, ``attention_mask``, ``labels``), ``batches_per_epoch`` of them on
+    every rank, so ranks stay in step. ``size`` is the whole split's row count (the task sampler
+    weighs tasks by it). Batches are drawn in order; a resumed run skips to its position."""
+
+    def __init__(self, epoch: Callable[[int], Iterable[dict[str, np.ndarray]]], size: int, batches_per_epoch: int):
+        if batches_per_epoch < 1:
+            raise ValueError("batches_per_epoch must be at least 1")
+        self.epoch, self.size, self.per_epoch = epoch, size, batches_per_epoch
+        self._it: Any = None
+        self._at = (-1, 0)  # (epoch, next position) of the open iterator
+
+    def batch(self, k: int) -> dict[str, np.ndarray]:
+        epoch, pos = divmod(k, self.per_epoch)
+        if self._it is None or self._at[0] != epoch or self._at[1] > pos:
+            self._close()
+            self._it, self._at = iter(self.epoch(epoch)), (epoch, 0)
+        while self._at[1] < pos:  # resuming mid-epoch: skip what was trained on
+            next(self._it)
+            self._at = (epoch, self._at[1] + 1)
+        out = next(self._it)
+        self._at = (epoch, pos + 1)
+        if pos + 1 == self.per_epoch:
+            self._close()  # the epoch is done: drain it so every rank ends it together
+        return out
+
+    def _close(self) -> None:
+        if self._it is not None:
+            for _ in self._it:
+                pass
+        self._it, self._at = None, (-1, 0)
+
+
+class Shard:
+    """This rank's own rows of an evaluation split, as numpy arrays; ``load`` is called once, at
+    the first evaluation (so a lazily streamed shard is read only when needed)."""
+
+    def __init__(self, load: Callable[[], dict[str, np.ndarray]]):
+        self._load, self._arrays = load, None
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        if self._arrays is None:
+            self._arrays = self._load()
+        return self._arrays
+
+
+class ArrayBatches:
+    """The whole training split on every rank: the ``k``-th global batch is a seeded permutation
+    slice (``BatchStream``); this rank takes ``rows[rank::world]`` of it."""
+
+    def __init__(self, arrays: dict[str, np.ndarray], global_batch: int, seed: int, task_id: int,
+                 rank: int, world: int):
+        self.arrays, self.rank, self.world = arrays, rank, world
+        self.size = len(arrays["input_ids"])
+        self.stream = BatchStream(self.size, global_batch, seed, task_id)
+
+    def batch(self, k: int) -> dict[str, np.ndarray]:
+        rows = self.stream.batch_indices(k)[self.rank::self.world]
+        return {c: self.arrays[c][rows] for c in ("input_ids", "attention_mask", "labels")}
 
 
 class Callback:
@@ -182,10 +252,14 @@ class Engine:
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(c.precision)
         cuda_fp16 = self.amp_dtype is torch.float16 and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda") if cuda_fp16 else None
-        sizes = [len(data[t]["train"]["input_ids"]) for t in self.names]
-        self.sampler = TaskSampler(self.names, sizes, c.sampling, c.temperature, c.max_steps, c.seed)
         micro = c.batch_size // c.grad_accum  # global rows per micro-batch
-        self.streams = {t: BatchStream(sizes[i], micro, c.seed, i) for i, t in enumerate(self.names)}
+        self.train_batches = {
+            t: data[t]["train"] if isinstance(data[t]["train"], StreamBatches)
+            else ArrayBatches(data[t]["train"], micro, c.seed, i, self.rank, self.world)
+            for i, t in enumerate(self.names)
+        }
+        sizes = [self.train_batches[t].size for t in self.names]
+        self.sampler = TaskSampler(self.names, sizes, c.sampling, c.temperature, c.max_steps, c.seed)
         self.step = 0
         self.consumed = {t: 0 for t in self.names}
         self.best_objective, self.best_step, self.bad_evals = -math.inf, -1, 0
@@ -206,10 +280,9 @@ class Engine:
         return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
 
     def batch(self, task: str, k: int) -> Batch:
-        """This rank's slice of the ``k``-th global training micro-batch of ``task``, padding trimmed."""
-        rows = self.streams[task].batch_indices(k)[self.rank::self.world]
-        arr = self.data[task]["train"]
-        ids, mask, labels = (torch.as_tensor(arr[c][rows], device=self.device)
+        """This rank's part of the ``k``-th global training micro-batch of ``task``, padding trimmed."""
+        arr = self.train_batches[task].batch(k)
+        ids, mask, labels = (torch.as_tensor(arr[c], device=self.device)
                              for c in ("input_ids", "attention_mask", "labels"))
         return trim(ids, mask, labels)
 
@@ -302,15 +375,16 @@ class Engine:
     # ------------------------------------------------------------------ evaluation
 
     def evaluate(self, split: str = "validation") -> dict[str, dict[str, float]]:
-        """Each task's metrics on ``split``, every rank evaluating its ``rows[rank::world]`` and
-        rank 0 scoring the gathered predictions; the result is the same on every rank."""
+        """Each task's metrics on ``split``, every rank evaluating its own rows (its ``Shard``, or
+        ``rows[rank::world]`` of a whole split) and rank 0 scoring the gathered predictions; the
+        result is the same on every rank."""
         self.module.eval()
         results = {}
         for t in self.names:
-            arr = self.data[t][split]
-            n = len(arr["input_ids"])
-            mine = {k: v[self.rank::self.world] for k, v in arr.items()}
-            n_batches = math.ceil(math.ceil(n / self.world) / self.config.eval_batch_size)  # same on every rank
+            mine = self.eval_rows(t, split)
+            # every rank makes as many forward calls as the rank with the most rows (FSDP collectives)
+            longest = max(D.gather(len(mine["input_ids"])))
+            n_batches = math.ceil(longest / self.config.eval_batch_size)
             with self.autocast():
                 preds, refs = evaluate_arrays(lambda i, m, t=t: self.module({t: (i, m, None)}, logits=True)[t],
                                               self.kinds[t], mine, self.config.eval_batch_size, self.device,
@@ -321,6 +395,12 @@ class Engine:
                                                    [x for g in gathered for x in g[1]])
         self.module.train()
         return D.broadcast(results)
+
+    def eval_rows(self, task: str, split: str) -> dict[str, np.ndarray]:
+        part = self.data[task][split]
+        if isinstance(part, Shard):
+            return part.arrays()
+        return {k: v[self.rank::self.world] for k, v in part.items()}
 
     def end_window(self) -> dict[str, Any]:
         """Close an evaluation window: mean training loss per task over it (all ranks), DWA update,

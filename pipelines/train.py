@@ -5,7 +5,10 @@
     mtl-ray train --config configs/quick.yaml train.strategy=fsdp train.num_workers=2
     mtl-ray train --config configs/quick.yaml --resume              # continue the last run of this name
 
-Each worker materialises its tasks' tokenized rows from Ray Data (``get_dataset_shard``), builds
+Each worker streams its own shard of every task's training split from Ray Data (Ray Train's
+streaming split, ``train.data_sharding: streaming``; a local shuffle buffer, re-iterated per
+epoch) and reads its shard of each validation split once; no worker holds a whole split. With
+``data_sharding: replicated`` every worker holds every split instead. Each worker builds
 the model (from the encoder, or from the checkpoint being resumed), wraps it (DDP through
 ``prepare_model``, or FSDP2) and hands everything to the ``Engine``, which knows nothing of Ray.
 Two callbacks connect it back: ``ReportToRay`` checkpoints (artifact + engine state) through
@@ -16,6 +19,7 @@ rank 0's MLflow curves and progress lines. The driver side (best checkpoint, tes
 from __future__ import annotations
 
 import logging
+import math
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -26,7 +30,7 @@ import numpy as np
 import torch
 
 from mtl.config import RunConfig
-from mtl.engine import Callback, Engine, EngineConfig
+from mtl.engine import Callback, Engine, EngineConfig, Shard, StreamBatches
 from mtl.model import MultiTaskModel, TaskInfo
 from mtl.readers import TaskData
 from pipelines.progress import MlflowWriter, ProgressLog
@@ -56,6 +60,7 @@ class LoopConfig:
     batch_size: int | None = None
     temperature: float | None = None
     callbacks: list[Callback] = field(default_factory=list)
+    train_sizes: dict[str, int] = field(default_factory=dict)  # rows of each task's training split
 
     def engine_config(self) -> EngineConfig:
         weights = self.task_weights or {t.name: t.weight for t in self.cfg.tasks}
@@ -91,6 +96,9 @@ class ReportToRay(Callback):
 def _materialize(iterator) -> dict[str, np.ndarray]:
     """All rows of a Ray Data iterator as numpy arrays, in ``idx`` order (deterministic)."""
     parts = list(iterator.iter_batches(batch_size=2048, batch_format="numpy"))
+    if not parts:  # an empty shard (a split smaller than the worker count)
+        return {"idx": np.zeros(0, np.int64), "input_ids": np.zeros((0, 1), np.int64),
+                "attention_mask": np.zeros((0, 1), np.int64), "labels": np.zeros(0, np.int64)}
     out = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
     order = np.argsort(out["idx"], kind="stable")
     return {k: v[order] for k, v in out.items()}
@@ -114,8 +122,7 @@ def train_loop_per_worker(loop: LoopConfig) -> list[dict[str, float]] | None:
     tc = loop.cfg.train
     torch.set_num_threads(max(1, int(tc.threads_per_worker or tc.cpus_per_worker)))
     device = ray.train.torch.get_device()
-    names = [t.name for t in loop.tasks]
-    data = {t: {s: _materialize(ray.train.get_dataset_shard(f"{t}.{s}")) for s in EVAL_SPLITS} for t in names}
+    data = worker_data(loop)
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         model, state = _restore(checkpoint)
@@ -137,6 +144,38 @@ def train_loop_per_worker(loop: LoopConfig) -> list[dict[str, float]] | None:
     return engine.history if engine.rank == 0 else None
 
 
+def worker_data(loop: LoopConfig) -> dict[str, dict[str, Any]]:
+    """This worker's input for the engine: its streamed shard of each training split and (read at
+    the first evaluation) its shard of each validation split; or, replicated, whole splits."""
+    import ray.train
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    tc, ec = loop.cfg.train, loop.engine_config()
+    out: dict[str, dict[str, Any]] = {}
+    for i, t in enumerate(task.name for task in loop.tasks):
+        train, val = (ray.train.get_dataset_shard(f"{t}.{s}") for s in EVAL_SPLITS)
+        if tc.data_sharding == "replicated":
+            out[t] = {"train": _materialize(train), "validation": _materialize(val)}
+            continue
+        per_rank = ec.batch_size // ec.grad_accum // world
+        rows = loop.train_sizes[t] // world  # an equal streaming split: every shard this many rows
+        out[t] = {"train": StreamBatches(_epochs(train, per_rank, min(tc.shuffle_buffer, rows), ec.seed, i, rank),
+                                         loop.train_sizes[t], max(1, math.ceil(rows / per_rank))),
+                  "validation": Shard(lambda val=val: _materialize(val))}
+    return out
+
+
+def _epochs(shard, batch: int, buffer: int, seed: int, task: int, rank: int):
+    """Epoch ``e`` of this worker's training shard: batches of ``batch`` rows (the last one may be
+    smaller), locally shuffled with a seed of (seed, task, rank, epoch)."""
+    def epoch(e: int):
+        return shard.iter_batches(batch_size=batch, batch_format="numpy", drop_last=False,
+                                  local_shuffle_buffer_size=max(buffer, batch),
+                                  local_shuffle_seed=int(np.random.SeedSequence([seed, task, rank, e]).generate_state(1)[0]))
+    return epoch
+
+
 def check_train_config(cfg: RunConfig) -> None:
     """The config gate's rules (``mtl.config``), again for a config changed in code."""
     from mtl.config import check_config
@@ -153,6 +192,7 @@ def make_loop_config(cfg: RunConfig, data: dict[str, TaskData], mlflow_run_id: s
 
     encoder = str(resolve_encoder(cfg.model.encoder))
     return LoopConfig(cfg=cfg, tasks=task_infos(cfg, data), encoder_dir=encoder, tokenizer_dir=encoder,
+                      train_sizes={t: len(d.splits["train"]) for t, d in data.items()},
                       mlflow_uri=absolute_tracking_uri(cfg.mlflow.tracking_uri) if cfg.mlflow.enabled else None,
                       mlflow_run_id=mlflow_run_id, **overrides)
 
@@ -160,27 +200,45 @@ def make_loop_config(cfg: RunConfig, data: dict[str, TaskData], mlflow_run_id: s
 def train_datasets(cfg: RunConfig, data: dict[str, TaskData]) -> dict[str, Any]:
     from pipelines.data import build_datasets
 
-    return {k: v for k, v in build_datasets(cfg, data).items() if k.rsplit(".", 1)[1] in EVAL_SPLITS}
+    out = {k: v for k, v in build_datasets(cfg, data).items() if k.rsplit(".", 1)[1] in EVAL_SPLITS}
+    if cfg.train.data_sharding == "streaming":  # a fresh block order each epoch; rows mix in the workers' buffers
+        out = {k: v.randomize_block_order(seed=cfg.seed) if k.endswith(".train") else v for k, v in out.items()}
+    return out
+
+
+def data_config(cfg: RunConfig, names: list[str]):
+    """Streaming: the training splits split into equal shards (ranks take the same number of
+    batches per epoch, so they stay in step) and the validation splits into shards that drop no
+    row; replicated: nothing split."""
+    from ray.train import DataConfig
+
+    from pipelines.sharding import ShardData
+
+    if cfg.train.data_sharding == "replicated":
+        return DataConfig(datasets_to_split=[])
+    return ShardData([f"{t}.train" for t in names], [f"{t}.validation" for t in names])
 
 
 def build_trainer(cfg: RunConfig, loop_config: LoopConfig, datasets: dict[str, Any], run_name: str,
                   storage_path: str, callbacks: list | None = None):
     """A TorchTrainer for this config: gloo on CPU, nccl on GPU; restarts from the last checkpoint
     on worker failure (``train.max_failures``); keeps the best and the latest checkpoints."""
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
     from ray.train import RunConfig as RayRunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from pipelines.ray_utils import runtime_env
+    from pipelines.ray_utils import check_resources, runtime_env
 
     tc = cfg.train
+    check_resources(cfg)
     use_gpu = resolve_use_gpu(cfg)
     resources = {"CPU": tc.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
+        scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=use_gpu, resources_per_worker=resources,
+                                     placement_strategy=tc.placement_strategy),
         run_config=RayRunConfig(
             name=run_name,
             storage_path=storage_path,
@@ -191,7 +249,7 @@ def build_trainer(cfg: RunConfig, loop_config: LoopConfig, datasets: dict[str, A
             worker_runtime_env=runtime_env(),
         ),
         datasets=datasets,
-        dataset_config=DataConfig(datasets_to_split=[]),
+        dataset_config=data_config(cfg, [t.name for t in loop_config.tasks]),
     )
 
 
@@ -206,8 +264,11 @@ def run_training(cfg: RunConfig, resume: bool = False, data: dict[str, TaskData]
     from pipelines.ray_utils import init_ray
 
     check_train_config(cfg)
+    from pipelines.ray_utils import check_resources, required_cpus
+
     data = data or read_tasks(cfg)  # fails before Ray on bad data
-    init_ray()
+    init_ray(min_cpus=required_cpus(cfg))
+    check_resources(cfg)  # before any folder, MLflow run or worker
     folder = publish.run_dir(cfg, resume)
     folder.mkdir(parents=True, exist_ok=True)
     t0 = time.time()

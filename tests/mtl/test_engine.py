@@ -283,6 +283,67 @@ def test_state_dict_round_trip_resumes_to_the_same_next_loss(encoder, arrays, we
         assert torch.equal(pa, pb)
 
 
+# ---------------------------------------------------------------------------- streamed shards
+
+
+class EpochLog:
+    """``StreamBatches``' epoch function over the same seeded batches ``ArrayBatches`` draws,
+    recording which epochs were opened and how many batches each iterator gave."""
+
+    def __init__(self, arrays: dict, global_batch: int, seed: int, task_id: int):
+        from mtl.engine import ArrayBatches
+
+        self.source = ArrayBatches(arrays, global_batch, seed, task_id, rank=0, world=1)
+        self.opened: list[int] = []
+        self.given: list[int] = []
+
+    def __call__(self, epoch: int):
+        self.opened.append(epoch)
+        self.given.append(0)
+        per = self.source.stream.per_epoch
+        for pos in range(per):
+            self.given[-1] += 1
+            yield self.source.batch(epoch * per + pos)
+
+
+def test_stream_batches_walk_epochs_in_order_and_skip_on_resume(arrays):
+    from mtl.engine import StreamBatches
+
+    log = EpochLog(arrays["sentiment"]["train"], 16, seed=3, task_id=0)
+    per = log.source.stream.per_epoch
+    stream = StreamBatches(log, size=log.source.size, batches_per_epoch=per)
+    for k in range(per + 2):  # a whole epoch, then two batches of the next
+        assert np.array_equal(stream.batch(k)["input_ids"], log.source.batch(k)["input_ids"])
+    assert log.opened == [0, 1] and log.given[0] == per  # epoch 0 was drained when it ended
+    resumed_log = EpochLog(arrays["sentiment"]["train"], 16, seed=3, task_id=0)
+    resumed = StreamBatches(resumed_log, size=log.source.size, batches_per_epoch=per)
+    k = 2 * per + 3  # a checkpoint taken 3 batches into epoch 2
+    assert np.array_equal(resumed.batch(k)["labels"], log.source.batch(k)["labels"])
+    assert resumed_log.opened == [2] and resumed_log.given == [4]  # 3 skipped, 1 drawn
+
+
+def test_streamed_shards_train_exactly_like_whole_arrays(encoder, arrays):
+    """Fed the same batches, the streamed path (``StreamBatches`` + ``Shard``) takes the same steps
+    as the whole-array path: the engine's only change is where its rows come from."""
+    from mtl.engine import Shard, StreamBatches
+
+    tasks = ["sentiment", "cities"]
+    a = make_engine(encoder, arrays, tasks, max_steps=12, eval_every=6, sampling="temperature")
+    streamed = {}
+    for i, t in enumerate(tasks):
+        log = EpochLog(arrays[t]["train"], 16, seed=7, task_id=i)
+        streamed[t] = {"train": StreamBatches(log, log.source.size, log.source.stream.per_epoch),
+                       "validation": Shard(lambda t=t: arrays[t]["validation"])}
+    model = MultiTaskModel.from_encoder(encoder, [TASKS[t] for t in tasks], seed=7)
+    b = Engine(model, streamed, a.config)
+    ra, rb = Losses(), Losses()
+    a.callbacks.append(ra)
+    b.callbacks.append(rb)
+    ma, mb = a.fit(), b.fit()
+    assert ra.steps == rb.steps and len(ra.steps) == 12
+    assert ma["objective"] == mb["objective"]
+
+
 # ---------------------------------------------------------------------------- two processes
 
 

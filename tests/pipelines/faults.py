@@ -26,3 +26,35 @@ class CrashOnce(Callback):
             Path(self.flag).write_text(str(step))
             time.sleep(self.delay_s)
             os._exit(1)
+
+
+class RecordRows(Callback):
+    """Appends ``epoch:idx`` of every training row this rank draws to ``<folder>/rank<r>-<task>.txt``
+    (wraps each streamed task's epoch function when the fit starts)."""
+
+    def __init__(self, folder: str):
+        self.folder = folder
+
+    def on_fit_start(self, engine) -> None:
+        for task, source in engine.train_batches.items():
+            path = Path(self.folder) / f"rank{engine.rank}-{task}.txt"
+
+            def epoch(e, inner=source.epoch, path=path):
+                for batch in inner(e):
+                    with open(path, "a") as f:
+                        f.write(" ".join(f"{e}:{i}" for i in batch["idx"]) + "\n")
+                    yield batch
+
+            source.epoch = epoch
+
+
+class RecordNode(Callback):
+    """Writes the Ray node id this rank runs on to ``<folder>/node<r>.txt`` when the fit starts."""
+
+    def __init__(self, folder: str):
+        self.folder = folder
+
+    def on_fit_start(self, engine) -> None:
+        import ray
+
+        (Path(self.folder) / f"node{engine.rank}.txt").write_text(ray.get_runtime_context().get_node_id())

@@ -93,11 +93,19 @@ def history(summary) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def ddp2(synth, tmp_path_factory, ray_session):
+    """2-worker DDP as configured by default: each worker streams its own shard of every task;
+    each row a worker trained on is recorded under ``tmp/rows``."""
+    import faults
+    from ray import cloudpickle
+
     from pipelines.train import run_training
 
+    cloudpickle.register_pickle_by_value(faults)  # workers cannot import the test folder
     tmp = tmp_path_factory.mktemp("ddp2")
+    (tmp / "rows").mkdir()
     cfg = make_config(synth, tmp)
-    return cfg, run_training(cfg), tmp
+    assert cfg.train.data_sharding == "streaming"
+    return cfg, run_training(cfg, callbacks=[faults.RecordRows(str(tmp / "rows"))]), tmp
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +113,7 @@ def ddp1(synth, tmp_path_factory, ray_session):
     from pipelines.train import run_training
 
     tmp = tmp_path_factory.mktemp("ddp1")
-    cfg = make_config(synth, tmp, num_workers=1, cpus_per_worker=1)
+    cfg = make_config(synth, tmp, num_workers=1, cpus_per_worker=1, data_sharding="replicated")
     return cfg, run_training(cfg), tmp
 
 
@@ -121,13 +129,29 @@ def test_ddp_two_workers_learns(ddp2):
     assert summary.steps == MAX_STEPS
 
 
-def test_one_and_two_workers_agree_at_same_global_batch(ddp1, ddp2):
-    """Same global batches (each worker takes rows[rank::2] of the same batch): over the first 30
-    steps the per-task window losses agree to 1e-3 (sentence task) and 1e-2 (tagger) relative.
-    Exact equality is not expected: the tagger's loss is a mean over each worker's tokens rather
-    than over the global batch's, and all-reduce sums in another order; training then amplifies
-    the difference (seen: 2e-4 at step 15, 3e-3 at step 60), so later windows are not compared."""
-    h1, h2 = history(ddp1[1]), history(ddp2[1])
+def test_streamed_shards_are_disjoint_and_cover_the_split(ddp2):
+    """Over the first epoch of each task the two workers' training rows share nothing and
+    together are the whole training split (320 rows: 160 each), with no row twice."""
+    cfg, summary, tmp = ddp2
+    for task in ("sentiment", "cities"):
+        epoch0 = []
+        for rank in (0, 1):
+            drawn = (tmp / "rows" / f"rank{rank}-{task}.txt").read_text().split()
+            epoch0.append([int(x.split(":")[1]) for x in drawn if x.startswith("0:")])
+        assert len(epoch0[0]) == len(epoch0[1]) == 160, task
+        assert not set(epoch0[0]) & set(epoch0[1]), task
+        assert sorted(epoch0[0] + epoch0[1]) == list(range(320)), task
+
+
+def test_one_and_two_workers_agree_at_same_global_batch(ddp1, fsdp2_run):
+    """``data_sharding: replicated``: 1 DDP worker and 2 FSDP workers take the same global batches
+    (each worker takes rows[rank::2] of the same batch): over the first 30 steps the per-task
+    window losses agree to 1e-3 (sentence task) and 1e-2 (tagger) relative. Exact equality is not
+    expected: the tagger's loss is a mean over each worker's tokens rather than over the global
+    batch's, and all-reduce sums in another order; training then amplifies the difference (seen:
+    2e-4 at step 15, 3e-3 at step 60), so later windows are not compared. FSDP shards parameters,
+    not the arithmetic. (Streamed shards differ by worker count, so they are not compared here.)"""
+    h1, h2 = history(ddp1[1]), history(fsdp2_run)
     assert [h["step"] for h in h1] == [h["step"] for h in h2] == EVALS
     for a, b in zip(h1[:2], h2[:2]):
         assert a["train/loss/sentiment"] == pytest.approx(b["train/loss/sentiment"], rel=1e-3)
@@ -177,17 +201,21 @@ def test_engine_alone_gives_the_pinned_losses(synth, tmp_path):
 PINNED = {"sentiment": 0.7333222031593323, "cities": 0.572321640593665}
 
 
-def test_fsdp_two_workers_learns_and_matches_ddp(synth, tmp_path, ray_session, ddp2):
-    from mtl.model import MultiTaskModel
+@pytest.fixture(scope="module")
+def fsdp2_run(synth, tmp_path_factory, ray_session):
     from pipelines.train import run_training
 
-    cfg = make_config(synth, tmp_path, strategy="fsdp")
-    summary = run_training(cfg)
-    hist, ref = history(summary), history(ddp2[1])
+    cfg = make_config(synth, tmp_path_factory.mktemp("fsdp2"), strategy="fsdp", data_sharding="replicated")
+    return run_training(cfg)
+
+
+def test_fsdp_two_workers_learns(fsdp2_run):
+    from mtl.model import MultiTaskModel
+
+    summary = fsdp2_run
+    hist = history(summary)
     assert hist[-1]["train/loss/sentiment"] < 0.7 * hist[0]["train/loss/sentiment"]
     assert summary.test_metrics["sentiment"]["accuracy"] >= 0.9
-    # FSDP shards parameters, not the arithmetic: same data, same losses as DDP up to rounding
-    assert hist[0]["train/loss/sentiment"] == pytest.approx(ref[0]["train/loss/sentiment"], rel=1e-3)
     # the FSDP checkpoint is a plain artifact
     model, _ = MultiTaskModel.load(summary.model_dir)
     assert set(model.heads) == {"sentiment", "cities"}
@@ -240,6 +268,21 @@ def test_mlflow_run_holds_params_curves_reports_plots_and_model(ddp2):
     mlflow.set_tracking_uri(f"sqlite:///{tmp}/mlflow.db")
     local = mlflow.artifacts.download_artifacts(artifact_uri=summary.model_uri, dst_path=str(tmp / "dl"))
     assert list(Path(local).rglob("manifest.json")), "the logged model carries the artifact"
+
+
+def test_workers_that_take_every_cpu_are_refused_at_once(synth, tmp_path, ray_session):
+    """2 workers × 2 CPUs on the tests' 4-CPU Ray leave nothing for Ray Data's tokenize tasks: the
+    run used to wait forever; now it is refused before any worker starts, naming the settings."""
+    from pipelines.ray_utils import ResourceError
+    from pipelines.train import run_training
+
+    cfg = make_config(synth, tmp_path, cpus_per_worker=2)
+    with pytest.raises(ResourceError) as err:
+        run_training(cfg)
+    msg = str(err.value)
+    assert "needs 5 CPUs" in msg and "the Ray cluster has 4" in msg
+    assert "train.cpus_per_worker" in msg and "data.cpus" in msg
+    assert not list((tmp_path / "runs").rglob("train-*")), "nothing was started"
 
 
 def test_killed_worker_resumes_from_last_checkpoint(synth, tmp_path, ray_session):
