@@ -51,7 +51,7 @@ def check_resources(cfg, trials: int = 1, per_trial: float = 0.0) -> None:
             f"this run needs {need:g} CPUs at once: {trial_part}train.num_workers {tc.num_workers} × "
             f"train.cpus_per_worker {tc.cpus_per_worker:g}{f' + {per_trial:g} per trial' if per_trial else ''}) "
             f"+ data.cpus {cfg.data.cpus:g} for Ray Data, but the Ray cluster has {total:g}. Lower "
-            "train.cpus_per_worker or train.num_workers (or tune.max_concurrent_trials), or add nodes; "
+            "train.cpus_per_worker or train.num_workers (or tune.max_concurrent), or add nodes; "
             "otherwise the workers take every CPU and the data pipeline can never run.")
 
 

@@ -42,11 +42,14 @@ def run_tune(cfg: RunConfig, resume: bool = False, data: dict[str, Any] | None =
     Returns a ``RunResult`` with mode "sweep" (``.sweep`` holds the best trial, the trial table and
     the counts). ``callbacks`` are extra Tune callbacks."""
     from pipelines.data import read_tasks
-    from pipelines.ray_utils import init_ray
+    from pipelines.ray_utils import check_resources, init_ray, required_cpus
+    from tune.sweep import TRIAL_CPUS, concurrency
 
     t0 = time.time()
     data = data or read_tasks(cfg)  # fails before Ray on bad data
-    init_ray()
+    init_ray(min_cpus=required_cpus(cfg, per_trial=TRIAL_CPUS))
+    # concurrent trials' workers + data.cpus must fit, or trials wait forever on their data
+    check_resources(cfg, trials=concurrency(cfg), per_trial=TRIAL_CPUS)
     result = run_sweep(cfg, TrialTrainer(data), resume=resume, callbacks=callbacks)
     return publish_sweep(cfg, result, data, t0)
 

@@ -335,7 +335,7 @@ def concurrency(cfg: RunConfig) -> int:
         return spec.max_concurrent
     res = ray.cluster_resources()
     return derive_max_concurrent(res.get("CPU", 1), cfg.train.num_workers, cfg.train.cpus_per_worker,
-                                 TRIAL_CPUS, res.get("GPU", 0), _use_gpu(cfg))
+                                 TRIAL_CPUS, res.get("GPU", 0), _use_gpu(cfg), reserve_cpus=cfg.data.cpus)
 
 
 def _trainable(trial_cfg: RunConfig, trainer_factory: TrainerFactory, parent_run_id, sweep_dir: Path, stage: str):
