@@ -3,6 +3,7 @@
     local_artifact("runs/quick/model")                      # an artifact directory
     local_artifact("models:/mtl-ray-quick@champion")        # the registry (alias or version)
     local_artifact("runs:/<run_id>/model")                  # a run's logged model
+    local_artifact("s3://bucket/runs/quick/train-x/model")  # object storage (any pyarrow filesystem)
     registry_version("models:/mtl-ray-quick@champion", uri)  # the version the alias points at now
 """
 
@@ -28,7 +29,12 @@ def find_manifest_dir(root: Path) -> Path:
 
 
 def local_artifact(model: str, tracking_uri: str | None = None, dst: str | None = None) -> Path:
-    """A local artifact directory for ``model`` (downloading from MLflow when it is a URI)."""
+    """A local artifact directory for ``model`` (downloading from MLflow for models:/ and runs:/, or
+    from object storage for ``s3://``, ``gs://`` and other pyarrow filesystems)."""
+    from mtl import storage
+
+    if storage.is_remote(model):
+        return find_manifest_dir(storage.local_copy(model, dst))
     if "://" not in model and not model.startswith(("models:/", "runs:/")):
         path = Path(model)
         if not path.exists():

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -20,6 +21,7 @@ from typing import Any, Literal
 
 import torch
 
+from mtl import storage
 from mtl.config import RunConfig
 from mtl.readers import TaskData
 
@@ -83,29 +85,78 @@ class RunResult:
         return out
 
 
-def run_dir(cfg: RunConfig, resume: bool) -> Path:
-    """``output_dir/name/train-<time>``; with ``resume``, the latest such folder."""
-    root = Path(cfg.output_dir).resolve() / cfg.name
+@dataclass
+class RunFolder:
+    """A run's folder: ``output_dir/name/train-<time>``. With a local ``output_dir`` it is ``local``.
+    With a URI (``s3://bucket/runs``) it is ``remote``: Ray Train writes checkpoints there from the
+    workers, and the driver writes its files (model, reports, summary) to the local staging folder
+    ``local`` and uploads them (``sync``)."""
+
+    local: Path
+    remote: str | None = None
+
+    @property
+    def name(self) -> str:
+        return self.local.name
+
+    @property
+    def where(self) -> str:
+        """What to show and record: the remote URI, else the local folder."""
+        return self.remote or str(self.local)
+
+    def storage(self) -> tuple[str, Any]:
+        """(``storage_path``, ``storage_filesystem``) for Ray Train's RunConfig."""
+        if self.remote is None:
+            return str(self.local), None
+        fs, path = storage.filesystem(self.remote)
+        return path, fs
+
+    def sync(self) -> None:
+        if self.remote is not None:
+            storage.upload(self.local, self.remote)
+
+
+def run_dir(cfg: RunConfig, resume: bool) -> RunFolder:
+    """``output_dir/name/train-<time>``; with ``resume``, the latest such folder (local, or in object
+    storage: then its driver files are fetched into the staging folder)."""
+    stamp = time.strftime("train-%Y%m%d-%H%M%S")
+    if not storage.is_remote(cfg.output_dir):
+        root = Path(cfg.output_dir).resolve() / cfg.name
+        if resume:
+            runs = sorted(p for p in root.glob("train-*") if p.is_dir())
+            if not runs:
+                raise FileNotFoundError(f"--resume: no earlier run under {root}")
+            return RunFolder(runs[-1])
+        return RunFolder(root / stamp)
+    root = storage.join(cfg.output_dir, cfg.name)
     if resume:
-        runs = sorted(p for p in root.glob("train-*") if p.is_dir())
+        runs = storage.list_dirs(root, "train-")
         if not runs:
             raise FileNotFoundError(f"--resume: no earlier run under {root}")
-        return runs[-1]
-    return root / time.strftime("train-%Y%m%d-%H%M%S")
+        stamp = runs[-1]
+    folder = RunFolder(Path(tempfile.gettempdir()) / "mtl-ray-runs" / cfg.name / stamp, storage.join(root, stamp))
+    if resume and storage.exists(storage.join(folder.remote, RUN_ID_FILE)):
+        folder.local.mkdir(parents=True, exist_ok=True)
+        (folder.local / RUN_ID_FILE).write_text(storage.read_text(storage.join(folder.remote, RUN_ID_FILE)))
+    return folder
 
 
-def open_run(cfg: RunConfig, folder: Path, resume: bool) -> str | None:
+RUN_ID_FILE = "mlflow_run_id"
+
+
+def open_run(cfg: RunConfig, folder: RunFolder, resume: bool) -> str | None:
     """The MLflow run of this run folder: the one recorded there when resuming, else a new one."""
     from pipelines import tracking
 
     if not cfg.mlflow.enabled:
         return None
-    id_file = folder / "mlflow_run_id"
+    id_file = folder.local / RUN_ID_FILE
     if resume and id_file.exists():
         tracking.setup(cfg)
         return id_file.read_text().strip()
     run_id = tracking.start_run(cfg, f"{cfg.name}/{folder.name}", tags={"mtl_ray.stage": "train"})
     id_file.write_text(run_id)
+    folder.sync()
     return run_id
 
 
@@ -222,7 +273,7 @@ def publish_model(cfg: RunConfig, checkpoint, data: dict[str, TaskData], dest: P
     return out
 
 
-def record(run: RunResult) -> RunResult:
+def record(run: RunResult, folder: Path | None = None) -> RunResult:
     """The common end of training and of a sweep: ``summary.json`` (and a training run's
     ``history.jsonl``) in the output folder; with MLflow, ``wall_s``, ``fit_s`` and the summary on
     the run (a training run is then closed: a sweep's parent was closed by the sweep)."""
@@ -237,7 +288,7 @@ def record(run: RunResult) -> RunResult:
         tracking.log_summary(run.mlflow_run_id, run.summary())
         if run.mode == "train":
             tracking.end_run(run.mlflow_run_id)
-    folder = Path(run.run_dir)
+    folder = folder or Path(run.run_dir)
     (folder / "summary.json").write_text(json.dumps(run.summary(), indent=2, default=str))
     if run.mode == "train":
         (folder / "history.jsonl").write_text("".join(json.dumps(h) + "\n" for h in run.history))
@@ -248,21 +299,24 @@ def record(run: RunResult) -> RunResult:
     return run
 
 
-def publish(cfg: RunConfig, result, data: dict[str, TaskData], folder: Path, mlflow_run_id: str | None,
+def publish(cfg: RunConfig, result, data: dict[str, TaskData], folder: RunFolder, mlflow_run_id: str | None,
             register_model: bool = False, started: float | None = None, fit_s: float = 0.0) -> RunResult:
     """A training run's result: its best checkpoint through ``publish_model`` (``folder/model``, test
     sets, MLflow), then ``record`` (summary.json, history.jsonl, the run's summary)."""
     ckpt, best = best_checkpoint(result)
     last = result.metrics or {}
     samples = last.get("samples_per_s")
-    published = publish_model(cfg, ckpt, data, folder / MODEL_DIR, mlflow_run_id, {
+    published = publish_model(cfg, ckpt, data, folder.local / MODEL_DIR, mlflow_run_id, {
         "best step": best.get("step"), "training wall time (s)": round(fit_s, 1),
         "samples/s": f"{samples:.1f}" if samples else "n/a"}, register_model)
-    return record(RunResult(
-        mode="train", run_dir=str(folder), model_dir=str(published.model_dir), mlflow_run_id=mlflow_run_id,
+    model_dir = storage.join(folder.remote, MODEL_DIR) if folder.remote else str(published.model_dir)
+    run = record(RunResult(
+        mode="train", run_dir=folder.where, model_dir=model_dir, mlflow_run_id=mlflow_run_id,
         best_step=best.get("step"), best_objective=best.get("objective"), steps=last.get("step"),
         stopped_early=bool(last.get("stopped_early", 0)), samples_per_s=samples,
         wall_s=round(time.time() - (started or time.time()), 1), fit_s=round(fit_s, 1),
         test_metrics=published.test_metrics, history=history(result), model_uri=published.model_uri,
         registered_version=published.registered_version, calibration=published.calibration,
-    ))
+    ), folder.local)
+    folder.sync()  # model, reports, summary next to the checkpoints
+    return run

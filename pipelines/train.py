@@ -220,7 +220,7 @@ def data_config(cfg: RunConfig, names: list[str]):
 
 
 def build_trainer(cfg: RunConfig, loop_config: LoopConfig, datasets: dict[str, Any], run_name: str,
-                  storage_path: str, callbacks: list | None = None):
+                  storage_path: str, callbacks: list | None = None, storage_filesystem: Any = None):
     """A TorchTrainer for this config: gloo on CPU, nccl on GPU; restarts from the last checkpoint
     on worker failure (``train.max_failures``); keeps the best and the latest checkpoints."""
     from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
@@ -242,6 +242,7 @@ def build_trainer(cfg: RunConfig, loop_config: LoopConfig, datasets: dict[str, A
         run_config=RayRunConfig(
             name=run_name,
             storage_path=storage_path,
+            storage_filesystem=storage_filesystem,
             failure_config=FailureConfig(max_failures=tc.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2, checkpoint_score_attribute="objective",
                                                checkpoint_score_order="max"),
@@ -261,22 +262,22 @@ def run_training(cfg: RunConfig, resume: bool = False, data: dict[str, TaskData]
     extra engine callbacks for every worker (picklable)."""
     from pipelines import publish, tracking
     from pipelines.data import read_tasks
-    from pipelines.ray_utils import init_ray
+    from pipelines.ray_utils import check_resources, init_ray, required_cpus
 
     check_train_config(cfg)
-    from pipelines.ray_utils import check_resources, required_cpus
-
     data = data or read_tasks(cfg)  # fails before Ray on bad data
     init_ray(min_cpus=required_cpus(cfg))
     check_resources(cfg)  # before any folder, MLflow run or worker
     folder = publish.run_dir(cfg, resume)
-    folder.mkdir(parents=True, exist_ok=True)
+    folder.local.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     run_id = publish.open_run(cfg, folder, resume)
     print(f"[train] {cfg.name}: {len(cfg.tasks)} tasks, {cfg.train.num_workers} worker(s), "
-          f"{cfg.train.strategy}, outputs in {folder}", flush=True)
+          f"{cfg.train.strategy}, outputs in {folder.where}", flush=True)
     loop = make_loop_config(cfg, data, run_id, callbacks=list(callbacks or []))
-    trainer = build_trainer(cfg, loop, train_datasets(cfg, data), run_name="ray", storage_path=str(folder))
+    storage_path, storage_fs = folder.storage()  # checkpoints: written by the workers, there
+    trainer = build_trainer(cfg, loop, train_datasets(cfg, data), run_name="ray", storage_path=storage_path,
+                            storage_filesystem=storage_fs)
     try:
         result = trainer.fit()
     except Exception:

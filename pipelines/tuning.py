@@ -41,10 +41,14 @@ def run_tune(cfg: RunConfig, resume: bool = False, data: dict[str, Any] | None =
     """Data -> sweep -> best checkpoint -> test sets -> MLflow parent run -> registered ``champion``.
     Returns a ``RunResult`` with mode "sweep" (``.sweep`` holds the best trial, the trial table and
     the counts). ``callbacks`` are extra Tune callbacks."""
+    from mtl import storage
     from pipelines.data import read_tasks
     from pipelines.ray_utils import check_resources, init_ray, required_cpus
     from tune.sweep import TRIAL_CPUS, concurrency
 
+    if storage.is_remote(cfg.output_dir):
+        raise ValueError(f"output_dir {cfg.output_dir.partition('?')[0]!r}: sweeps (tune:) keep their trials in a "
+                         "local or shared-filesystem output_dir for now; object storage works for `mtl-ray train`")
     t0 = time.time()
     data = data or read_tasks(cfg)  # fails before Ray on bad data
     init_ray(min_cpus=required_cpus(cfg, per_trial=TRIAL_CPUS))

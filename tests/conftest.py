@@ -14,6 +14,12 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Object storage in tests is the S3-compatible server started below on 127.0.0.1 (moto). Dummy
+# credentials are set before any Ray process starts, so Ray workers inherit them too, and no
+# test can reach a real cloud account or its metadata service.
+for _key, _value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                     "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}.items():
+    os.environ[_key] = _value
 
 
 # sys.path as pytest left it after collecting (before any test ran: loading an MLflow pyfunc
@@ -77,6 +83,28 @@ def ray_session():
     except Exception:
         pass
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3 server on 127.0.0.1 with a free port; yields a function making a bucket and
+    returning ``s3://<bucket>/<prefix>?endpoint_override=...`` (pyarrow's options in the URI)."""
+    from moto.server import ThreadedMotoServer
+    from pyarrow import fs
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    _, port = server.get_host_and_port()
+    query = f"endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1"
+    s3 = fs.S3FileSystem(endpoint_override=f"127.0.0.1:{port}", scheme="http", region="us-east-1",
+                         allow_bucket_creation=True)
+
+    def bucket_uri(bucket: str, prefix: str = "") -> str:
+        s3.create_dir(bucket)
+        return f"s3://{bucket}/{prefix}?{query}"
+
+    yield bucket_uri
+    server.stop()
 
 
 QUICK_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "quick.yaml"

@@ -285,17 +285,24 @@ def test_workers_that_take_every_cpu_are_refused_at_once(synth, tmp_path, ray_se
     assert not list((tmp_path / "runs").rglob("train-*")), "nothing was started"
 
 
-def test_killed_worker_resumes_from_last_checkpoint(synth, tmp_path, ray_session):
-    """Rank 1 dies at step 20; the last checkpoint is step 15; the group restarts from it and
-    finishes. Reported steps run 15, 30, 45, 60 once each: nothing before step 15 is redone."""
+def test_killed_worker_resumes_from_last_checkpoint_in_object_storage(synth, tmp_path, ray_session, s3_server):
+    """``output_dir`` in object storage (S3 on 127.0.0.1): the workers write checkpoints there.
+    Rank 1 dies at step 20; the last checkpoint is step 15; the group restarts from it, read back
+    from S3, and finishes. Reported steps run 15, 30, 45, 60 once each: nothing before step 15 is
+    redone. The run folder in S3 then holds the model, the summary and the checkpoints, and the
+    model serves from its URI."""
     import faults
     from ray import cloudpickle
 
+    from mtl import storage
+    from mtl.predictor import Predictor
+    from mtl.registry import local_artifact
     from pipelines.train import run_training
 
     cloudpickle.register_pickle_by_value(faults)  # workers cannot import the test folder
     flag = tmp_path / "crashed"
     cfg = make_config(synth, tmp_path)
+    cfg.output_dir = s3_server("mtl-runs", "runs")
     summary = run_training(cfg, callbacks=[faults.CrashOnce(20, str(flag))])
     assert flag.read_text() == "20", "the worker did die"
     steps = [h["step"] for h in history(summary)]
@@ -303,6 +310,17 @@ def test_killed_worker_resumes_from_last_checkpoint(synth, tmp_path, ray_session
     assert summary.steps == MAX_STEPS
     # the example counter continued from the checkpoint: 60 steps × 16 rows, not more
     assert history(summary)[-1]["examples"] == MAX_STEPS * 16
+
+    assert summary.run_dir.startswith("s3://mtl-runs/runs/synthetic/train-")
+    assert summary.model_dir == storage.join(summary.run_dir, "model")
+    checkpoints = storage.list_dirs(storage.join(summary.run_dir, "ray"), "checkpoint_")
+    assert len(checkpoints) == 2  # CheckpointConfig keeps the best and the latest
+    remote = json.loads(storage.read_text(storage.join(summary.run_dir, "summary.json")))
+    assert remote["test_metrics"] == summary.test_metrics
+    assert storage.read_text(storage.join(summary.run_dir, "mlflow_run_id")) == summary.mlflow_run_id
+    predictor = Predictor.load(local_artifact(summary.model_dir))
+    assert set(predictor.model.tasks) == {"sentiment", "cities"}
+    assert predictor.predict(["a truly excellent day"], ["sentiment"])[0]["sentiment"]["label"] in ("pos", "neg")
 
 
 def test_early_stop_keeps_best_and_a_stopped_run_resumes(synth, tmp_path, ray_session):
