@@ -282,7 +282,8 @@ class Engine:
     def batch(self, task: str, k: int) -> Batch:
         """This rank's part of the ``k``-th global training micro-batch of ``task``, padding trimmed."""
         arr = self.train_batches[task].batch(k)
-        ids, mask, labels = (torch.as_tensor(arr[c], device=self.device)
+        # streamed batches are read-only Arrow views: copy (a few KB) rather than alias them
+        ids, mask, labels = (torch.as_tensor(np.array(arr[c]), device=self.device)
                              for c in ("input_ids", "attention_mask", "labels"))
         return trim(ids, mask, labels)
 
