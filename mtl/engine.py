@@ -265,6 +265,7 @@ class Engine:
         self.best_objective, self.best_step, self.bad_evals = -math.inf, -1, 0
         self.examples = 0  # training rows seen, all ranks
         self.train_s = 0.0  # seconds in training steps during this fit
+        self.data_s = 0.0  # of which: waiting for training batches (a streamed shard's iterator)
         self.history: list[dict[str, float]] = []  # one record of scalars per evaluation
         self.last_losses: dict[str, float] = {}
         self._window: dict[str, list[float]] = {t: [] for t in self.names}
@@ -281,7 +282,9 @@ class Engine:
 
     def batch(self, task: str, k: int) -> Batch:
         """This rank's part of the ``k``-th global training micro-batch of ``task``, padding trimmed."""
+        t0 = time.perf_counter()
         arr = self.train_batches[task].batch(k)
+        self.data_s += time.perf_counter() - t0
         # streamed batches are read-only Arrow views: copy (a few KB) rather than alias them
         ids, mask, labels = (torch.as_tensor(np.array(arr[c]), device=self.device)
                              for c in ("input_ids", "attention_mask", "labels"))
@@ -422,6 +425,7 @@ class Engine:
             "step": self.step, "objective": obj, "best_objective": self.best_objective,
             "best_step": self.best_step, "lr": self.scheduler.get_last_lr()[0],
             "samples_per_s": (self.examples - self._examples_at_start) / max(self.train_s, 1e-9),
+            "data_wait_frac": self.data_s / max(self.train_s, 1e-9),  # of training-step time, this fit
             "examples": self.examples,
             **flatten_metrics("val", val),
             **{f"train/loss/{t}": v for t, v in train_loss.items()},
@@ -437,7 +441,7 @@ class Engine:
         metrics (None if no evaluation ran)."""
         c = self.config
         self.module.train()
-        self._examples_at_start, self.train_s = self.examples, 0.0
+        self._examples_at_start, self.train_s, self.data_s = self.examples, 0.0, 0.0
         last = None
         for cb in self.callbacks:
             cb.on_fit_start(self)

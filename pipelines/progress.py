@@ -86,5 +86,6 @@ class ProgressLog(Callback):
             log.info(f"[train] step {step}/{engine.config.max_steps} objective {metrics['objective']:.4f} "
                      f"(best {engine.best_objective:.4f} @ {engine.best_step}) "
                      + " ".join(f"{t}:{val[t][engine.kinds[t].primary_metric]:.3f}" for t in engine.names)
-                     + f" | {metrics['samples_per_s']:.1f} samples/s, {time.time() - self.t0:.0f}s")
+                     + f" | {metrics['samples_per_s']:.1f} samples/s, data wait {metrics['data_wait_frac']:.1%}, "
+                     f"{time.time() - self.t0:.0f}s")
         self.t_last = time.time()  # throughput counts training steps, not evaluation or checkpoints

@@ -342,6 +342,8 @@ def test_streamed_shards_train_exactly_like_whole_arrays(encoder, arrays):
     ma, mb = a.fit(), b.fit()
     assert ra.steps == rb.steps and len(ra.steps) == 12
     assert ma["objective"] == mb["objective"]
+    # the time spent waiting for batches is measured, and is a part of the training-step time
+    assert 0 < b.data_s < b.train_s and mb["data_wait_frac"] == pytest.approx(b.data_s / b.train_s)
 
 
 # ---------------------------------------------------------------------------- two processes
