@@ -52,7 +52,9 @@ def events_from_batches(kind_name: str, batches: list[tuple[torch.Tensor, torch.
         return Events(flat_l[keep], flat_y[keep])
     if kind_name == "multi_label":
         return Events(torch.cat(logits), torch.cat(labels).float(), multi=True)
-    return Events(torch.cat(logits), torch.cat(labels).long())
+    y = torch.cat(labels).long()
+    keep = y != IGNORE_INDEX  # a label outside the list (``TaskKind.unseen``)
+    return Events(torch.cat(logits)[keep], y[keep])
 
 
 def nll(events: Events, temperature: float | torch.Tensor) -> torch.Tensor:

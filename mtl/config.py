@@ -38,25 +38,75 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+FILE_SOURCES = ("csv", "jsonl", "parquet", "conll")  # read where they lie by Ray Data (pipelines.sources)
+PathSpec = str | list[str] | None
+
+
+def is_uri(path: str) -> bool:
+    """``s3://...``, ``gs://...``, ``abfs://...``, ``file://...``: a pyarrow filesystem URI."""
+    return "://" in path
+
+
+def has_glob(path: str) -> bool:
+    return any(ch in path for ch in "*?[")
+
+
+def path_list(value: PathSpec) -> list[str]:
+    return [] if not value else [value] if isinstance(value, str) else list(value)
+
+
 class SourceSpec(_Strict):
     """Where a task's examples come from.
 
     Embedded sources (``atis``, ``rotten_tomatoes``, ``bbc``) come from PyPI data packages.
-    File sources take ``path`` (one file, split by the reader) or ``train``/``validation``/``test``
+    File sources take ``path`` (split by a hash of each text) or ``train``/``validation``/``test``
     paths, and a ``columns`` mapping from the reader's names (``text``, ``label``) to the file's.
+    Each path may be one file, a list, a glob or a folder, local or a pyarrow filesystem URI
+    (``s3://bucket/prefix/``; S3 options as URI query parameters, e.g.
+    ``?endpoint_override=host:port&scheme=http&region=us-east-1``, or the AWS_* variables).
+    ``labels`` fixes the task's label list (and its head's outputs); without it the labels are
+    those of the train split. An evaluation label outside the list is counted and skipped.
     """
 
     type: SourceType
     field: Literal["intent", "slots"] | None = None  # atis only: which label the task uses
-    path: str | None = None
-    train: str | None = None
-    validation: str | None = None
-    test: str | None = None
+    path: PathSpec = None
+    train: PathSpec = None
+    validation: PathSpec = None
+    test: PathSpec = None
     columns: dict[str, str] = Field(default_factory=dict)
     # drop exact duplicate texts (keeps the first) before splitting, so no text is in two splits;
-    # default: on, except for ATIS, whose standard train/test split is kept as published
+    # default: on, except for ATIS, whose standard train/test split is kept as published.
+    # File sources split by a hash of the text, which already keeps every text in one split;
+    # duplicates inside a split are kept there (dropping them needs a global pass)
     dedup: bool | None = None
     label_separator: str = ";"  # multi_label: how several labels are joined in one cell
+    labels: list[str] | None = None  # the label list, in head order; default: the train split's labels
+
+    @field_validator("path", "train", "validation", "test")
+    @classmethod
+    def _paths(cls, value: PathSpec) -> PathSpec:
+        if isinstance(value, list):
+            if not value:
+                raise ValueError("an empty list of paths")
+            if any(not p for p in value):
+                raise ValueError("an empty path in the list")
+        return value
+
+    @field_validator("labels")
+    @classmethod
+    def _label_names(cls, value: list[str] | None) -> list[str] | None:
+        if value is None:
+            return None
+        if not value:
+            raise ValueError("an empty label list (leave it out to take the train split's labels)")
+        bad = [x for x in value if not x.strip()]
+        if bad:
+            raise ValueError(f"empty label name(s) {bad}")
+        dup = sorted({x for x in value if value.count(x) > 1})
+        if dup:
+            raise ValueError(f"duplicate label(s) {dup}")
+        return value
 
     @model_validator(mode="after")
     def _check(self) -> SourceSpec:
@@ -65,6 +115,10 @@ class SourceSpec(_Strict):
         if self.type in ("csv", "jsonl", "parquet", "conll", "hf_disk"):
             if not (self.path or self.train):
                 raise ValueError(f"source.path (or source.train) is required for type {self.type!r}")
+        if self.type == "hf_disk":
+            for attr in ("path", "train", "validation", "test"):
+                if isinstance(getattr(self, attr), list):
+                    raise ValueError(f"source.{attr}: type 'hf_disk' takes one save_to_disk folder, not a list")
         if self.dedup is None:
             self.dedup = self.type != "atis"
         bad = set(self.columns) - {"text", "label", "tokens", "tags"}
@@ -73,7 +127,7 @@ class SourceSpec(_Strict):
         return self
 
     def files(self) -> list[str]:
-        return [p for p in (self.path, self.train, self.validation, self.test) if p]
+        return [p for v in (self.path, self.train, self.validation, self.test) for p in path_list(v)]
 
 
 class TaskSpec(_Strict):
@@ -87,6 +141,21 @@ class TaskSpec(_Strict):
     max_examples: int | None = Field(None, ge=1)  # per split cap (train; val/test get a tenth, at least 50)
     head_dropout: float = Field(0.1, ge=0, lt=1)
     pooling: Literal["mean", "cls"] = "mean"  # sentence tasks: how token states become one vector
+
+    @model_validator(mode="after")
+    def _check_labels(self) -> TaskSpec:
+        labels = self.source.labels
+        if labels is None:
+            return self
+        if self.kind == "regression":
+            raise RuleViolations([("source.labels", "a regression task has no labels; remove source.labels")])
+        if self.kind == "token_classification":
+            bad = [x for x in labels if x != "O" and x[:2] not in ("B-", "I-")]
+            if bad:
+                raise RuleViolations([("source.labels", f"token tags must be BIO (O, B-X, I-X); found {bad[0]!r}")])
+            if "O" not in labels:
+                raise RuleViolations([("source.labels", "token tags must include 'O'")])
+        return self
 
 
 class ModelSpec(_Strict):
@@ -407,12 +476,32 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> 
         src = task.source
         for attr in ("path", "train", "validation", "test"):
             value = getattr(src, attr)
-            if value and not Path(value).is_absolute() and not Path(value).exists():
-                candidate = path.parent / value
-                if candidate.exists():
-                    setattr(src, attr, str(candidate))
-        for attr in ("path", "train", "validation", "test"):
-            value = getattr(src, attr)
-            if value and not Path(value).exists():
-                raise ConfigError(f"{path}: tasks.{i}.source.{attr}: file not found: {value}")
+            if not value:
+                continue
+            resolved = [_resolve_data_path(p, path.parent) for p in path_list(value)]
+            for j, p in enumerate(resolved):
+                if not _data_path_exists(p):
+                    field = f"tasks.{i}.source.{attr}" + (f".{j}" if isinstance(value, list) else "")
+                    what = "no file matches" if has_glob(p) else "file not found"
+                    raise ConfigError(f"{path}: {field}: {what}: {path_list(value)[j]}")
+            setattr(src, attr, resolved if isinstance(value, list) else resolved[0])
     return cfg
+
+
+def _data_path_exists(p: str) -> bool:
+    """Local paths are checked here (a glob must match something); URIs when they are read."""
+    if is_uri(p):
+        return True
+    if has_glob(p):
+        import glob
+
+        return bool(glob.glob(p, recursive=True))
+    return Path(p).exists()
+
+
+def _resolve_data_path(value: str, folder: Path) -> str:
+    """A relative local path (or glob) against the YAML's folder when it exists there, else as is."""
+    if is_uri(value) or Path(value).is_absolute() or _data_path_exists(value):
+        return value
+    candidate = str(folder / value)
+    return candidate if _data_path_exists(candidate) else value

@@ -79,13 +79,18 @@ def test_report(model, tokenizer, rows_by_task: dict[str, list[dict[str, Any]]],
     out = {}
     for task, rows in rows_by_task.items():
         info, kind = model.tasks[task], model.kinds[task]
+        kind.unseen.clear()
         preds, refs = evaluate_rows(model, tokenizer, kind, task, rows, info.max_length, batch_size, device)
         cm = kind.confusion(preds, refs)
+        unseen = dict(kind.unseen)
+        kind.unseen.clear()
         out[task] = {
             "metrics": kind.metrics(preds, refs),
             "report": kind.report(preds, refs),
             "confusion": cm.tolist() if cm is not None else None,
             "labels": kind.labels,
             "n": len(rows),
+            # labels of these rows outside the model's list: skipped, counted (label -> occurrences)
+            **({"unseen_labels": unseen} if unseen else {}),
         }
     return out

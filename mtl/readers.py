@@ -13,6 +13,7 @@ import csv
 import json
 import random
 from collections import defaultdict
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,23 +32,65 @@ class DataError(ValueError):
 
 @dataclass
 class TaskData:
+    """One task's labels and split rows, held in the driver (embedded sources, ``hf_disk``).
+
+    Code that only needs sizes or rows goes through ``size``, ``rows``, ``label_counts`` and
+    ``unseen``: ``pipelines.sources.RayTaskData`` has the same methods over Ray Datasets whose
+    rows the driver never holds (its ``splits`` refuses to be read)."""
+
     name: str
     kind: str
     labels: list[str]
     splits: dict[str, list[Row]]
     stats: dict[str, Any] = field(default_factory=dict)  # read / duplicates dropped, for reports
 
+    def size(self, split: str) -> int:
+        return len(self.splits[split])
+
+    def rows(self, split: str) -> Iterator[Row]:
+        """The split's rows ``{"idx", "text", "label"}``."""
+        return iter(self.splits[split])
+
     def label_counts(self, split: str) -> dict[str, int]:
-        counts: dict[str, int] = defaultdict(int)
-        for row in self.splits[split]:
-            lab = row["label"]
-            if self.kind == "regression":
+        return count_labels(self.kind, (row["label"] for row in self.splits[split]))
+
+    def unseen(self, split: str) -> dict[str, int]:
+        """Labels of ``split`` that are not in ``labels`` (occurrences; tags for token tasks):
+        encoding skips them (``TaskKind.encode_labels``) and reports count them."""
+        return unseen_labels(self.kind, self.labels, (row["label"] for row in self.splits[split]))
+
+
+def _names(kind: str, label: Any) -> list[str]:
+    if kind == "regression" or label is None:
+        return []
+    if isinstance(label, str):
+        return [label]
+    return [str(x) for x in label]
+
+
+def count_labels(kind: str, labels: Iterable[Any]) -> dict[str, int]:
+    """Label counts, most frequent first; token tasks count entities (B- tags), not tokens."""
+    counts: dict[str, int] = defaultdict(int)
+    for lab in labels:
+        for name in _names(kind, lab):
+            if kind == "token_classification" and not name.startswith("B-"):
                 continue
-            for name in (lab if isinstance(lab, list) else [lab]):
-                if self.kind == "token_classification" and not str(name).startswith("B-"):
-                    continue  # count entities, not tokens
-                counts[str(name)] += 1
-        return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+            counts[name] += 1
+    return sort_counts(counts)
+
+
+def sort_counts(counts: dict[str, int]) -> dict[str, int]:
+    return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+def unseen_labels(kind: str, known: list[str], labels: Iterable[Any]) -> dict[str, int]:
+    index = set(known)
+    counts: dict[str, int] = defaultdict(int)
+    for lab in labels:
+        for name in _names(kind, lab):
+            if name not in index:
+                counts[name] += 1
+    return sort_counts(counts)
 
 
 # ---------------------------------------------------------------- embedded sources
@@ -162,28 +205,39 @@ def _table_rows(records: list[dict[str, Any]], spec: SourceSpec, kind: str, wher
     return rows
 
 
-def read_conll(path: str) -> list[Row]:
-    """``token<TAB>tag`` lines, blank lines between sentences (extra columns: first and last used)."""
+def parse_conll(text: str, path: str = "") -> list[Row]:
+    """CoNLL text -> rows: one ``token tag`` line per word (separated by tabs or spaces; with more
+    columns the first is the token and the last the tag), sentences separated by lines that are
+    empty or hold only whitespace; ``-DOCSTART-`` lines separate too."""
     rows, toks, tags = [], [], []
-    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip() or line.startswith("-DOCSTART-"):
+    for n, line in enumerate(text.splitlines(), 1):
+        parts = line.split()
+        if not parts or parts[0] == "-DOCSTART-":
             if toks:
                 rows.append({"text": " ".join(toks), "label": tags})
             toks, tags = [], []
             continue
-        parts = line.split("\t") if "\t" in line else line.split()
         if len(parts) < 2:
-            raise DataError(f"{path}:{n}: expected 'token<TAB>tag', got {line!r}")
-        toks.append(parts[0].strip())
-        tags.append(parts[-1].strip())
+            raise DataError(f"{path}:{n}: expected 'token<TAB>tag' (or 'token tag'), got {line.strip()!r}")
+        toks.append(parts[0])
+        tags.append(parts[-1])
     if toks:
         rows.append({"text": " ".join(toks), "label": tags})
     return rows
 
 
-def read_file(path: str, spec: SourceSpec, kind: str, where: str) -> list[Row]:
+def read_conll(path: str) -> list[Row]:
+    """A CoNLL file's sentences (``parse_conll``)."""
+    return parse_conll(Path(path).read_text(encoding="utf-8"), path)
+
+
+def read_file(path: str | list[str], spec: SourceSpec, kind: str, where: str) -> list[Row]:
+    """One local file, or a list of them (concatenated). Globs, folders and ``s3://``-style URIs
+    are read where they lie by ``pipelines.sources``."""
     import pandas as pd
 
+    if isinstance(path, list):
+        return [row for p in path for row in read_file(p, spec, kind, where)]
     if spec.type == "conll":
         return read_conll(path)
     if spec.type == "csv":
@@ -252,18 +306,20 @@ def dedup(rows: list[Row]) -> tuple[list[Row], int]:
     return out, len(rows) - len(out)
 
 
-def _labels(kind: str, splits: dict[str, list[Row]]) -> list[str]:
+def label_list(kind: str, names: Iterable[str]) -> list[str]:
+    """The label list of a task from the names seen: sorted; token tasks put ``O`` first (always
+    there); regression has none."""
     if kind == "regression":
         return []
-    names: set[str] = set()
-    for rows in splits.values():
-        for row in rows:
-            lab = row["label"]
-            names.update(lab if isinstance(lab, list) else [lab])
+    found = set(names)
     if kind == "token_classification":
-        names.discard("O")
-        return ["O", *sorted(names)]
-    return sorted(names)
+        found.discard("O")
+        return ["O", *sorted(found)]
+    return sorted(found)
+
+
+def _labels(kind: str, splits: dict[str, list[Row]]) -> list[str]:
+    return label_list(kind, (name for rows in splits.values() for row in rows for name in _names(kind, row["label"])))
 
 
 def _check_labels(task: TaskSpec, rows: list[Row], where: str) -> None:
@@ -321,7 +377,7 @@ def read_task(task: TaskSpec, data: DataSpec, seed: int, where: str = "") -> Tas
         if not rows:
             raise DataError(f"{where}: split {split!r} is empty")
         _check_labels(task, rows, where)
-    labels = _labels(task.kind, splits)
+    labels = list(spec.labels) if spec.labels else _labels(task.kind, splits)
     if task.max_examples:
         rng = random.Random(seed + 1)
         eval_cap = max(50, task.max_examples // 4)

@@ -75,7 +75,7 @@ def cmd_evaluate(args) -> int:
     data = read_tasks(cfg)
     t0 = time.time()
     model, tokenizer = MultiTaskModel.load(local_artifact(args.model, cfg.mlflow.tracking_uri), pick_device())
-    rows = {t: d.splits[args.split] for t, d in data.items() if t in model.tasks}
+    rows = {t: list(d.rows(args.split)) for t, d in data.items() if t in model.tasks}
     report = test_report(model, tokenizer, rows, cfg.train.eval_batch_size)
     out = {t: {"n": r["n"], **r["metrics"]} for t, r in report.items()}
     print(json.dumps({"split": args.split, "model": args.model, "seconds": round(time.time() - t0, 1),

@@ -2,15 +2,19 @@
 
     mtl-ray data --config configs/quick.yaml
 
-Reading and splitting are plain Python and run before Ray starts, so a wrong column or a missing
-data package fails at once. Ray Data then tokenizes and aligns labels in ``map_batches`` with the
-fast tokenizer; every dataset has the numeric columns ``idx``, ``input_ids``, ``attention_mask``
-and ``labels`` that ``ray.train.get_dataset_shard`` hands to the trainer.
+File sources (csv, jsonl, parquet, conll) are read where they lie by Ray Data
+(``pipelines.sources``): the driver resolves their files and checks their columns before Ray starts,
+so a wrong path or column fails at once, and never holds their rows. The embedded datasets are
+small and read in plain Python (``mtl.readers``). Ray Data then tokenizes and aligns labels in
+``map_batches`` with the fast tokenizer; every dataset has the numeric columns ``idx``,
+``input_ids``, ``attention_mask`` and ``labels`` that ``ray.train.get_dataset_shard`` hands to the
+trainer.
 """
 
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -21,6 +25,7 @@ from mtl.model import TaskInfo
 from mtl.packages import package_root, required_packages, resolve_encoder
 from mtl.readers import SPLITS, TaskData, read_task
 from mtl.tasks import make_kind
+from pipelines.sources import RayTaskData, is_ray_source, open_source, plan_source
 
 COLUMNS = ["idx", "input_ids", "attention_mask", "labels"]
 
@@ -38,12 +43,26 @@ def check_environment(cfg: RunConfig) -> None:
 
 
 def read_tasks(cfg: RunConfig) -> dict[str, TaskData]:
-    """Read and split every task (no Ray)."""
+    """Every task's labels and splits. Packages, files and columns are checked first, without Ray;
+    then, when a task has a file source, Ray starts (``init_ray``: joins ``RAY_ADDRESS`` or starts a
+    local one) and that task becomes a ``RayTaskData`` of Ray Datasets (one counting pass each)."""
     check_environment(cfg)
-    return {
-        t.name: read_task(t, cfg.data, cfg.seed, where=f"tasks.{i}.source")
-        for i, t in enumerate(cfg.tasks)
-    }
+    out: dict[str, TaskData] = {}
+    plans = {}
+    for i, t in enumerate(cfg.tasks):
+        if is_ray_source(t):
+            plans[t.name] = plan_source(t, where=f"tasks.{i}.source")
+        else:
+            out[t.name] = read_task(t, cfg.data, cfg.seed, where=f"tasks.{i}.source")
+    if plans:
+        from pipelines.ray_utils import init_ray
+
+        init_ray()
+        # one counting pass per task; Ray Data runs them side by side from threads
+        with ThreadPoolExecutor(max_workers=min(4, len(plans))) as pool:
+            opened = pool.map(lambda plan: open_source(plan, cfg.data, cfg.seed), plans.values())
+            out.update(zip(plans, opened))
+    return {t.name: out[t.name] for t in cfg.tasks}
 
 
 def task_infos(cfg: RunConfig, data: dict[str, TaskData]) -> list[TaskInfo]:
@@ -87,9 +106,13 @@ def build_datasets(cfg: RunConfig, data: dict[str, TaskData], tokenizer_dir: str
     tokenizer_dir = tokenizer_dir or str(resolve_encoder(cfg.model.encoder))
     out = {}
     for info in task_infos(cfg, data):
+        td = data[info.name]
         for split in SPLITS:
-            rows = data[info.name].splits[split]
-            ds = ray.data.from_items(rows, override_num_blocks=max(1, min(8, len(rows) // 512)))
+            if isinstance(td, RayTaskData):
+                ds = td.dataset(split)
+            else:
+                rows = td.splits[split]
+                ds = ray.data.from_items(rows, override_num_blocks=max(1, min(8, len(rows) // 512)))
             out[dataset_key(info.name, split)] = ds.map_batches(
                 Tokenize(tokenizer_dir, info), batch_size=cfg.data.tokenize_batch_size, batch_format="numpy"
             ).select_columns(COLUMNS)
@@ -101,13 +124,17 @@ def summarize(cfg: RunConfig, data: dict[str, TaskData]) -> str:
     lines = []
     for t in cfg.tasks:
         td = data[t.name]
-        sizes = {s: len(td.splits[s]) for s in SPLITS}
+        sizes = {s: td.size(s) for s in SPLITS}
+        if "duplicates_dropped" in td.stats:
+            read = f"; read {td.stats['read']:,}, {td.stats['duplicates_dropped']} exact duplicate texts dropped"
+        elif "read" in td.stats:
+            read = f"; read {td.stats['read']:,} where they lie, split by a hash of the text"
+        else:
+            read = ""
         lines.append(
             f"{t.name} ({t.kind}, source {t.source.type}): "
             + ", ".join(f"{s} {n:,}" for s, n in sizes.items())
-            + f"; {sum(sizes.values()):,} in all"
-            + (f"; read {td.stats['read']:,}, {td.stats['duplicates_dropped']} exact duplicate texts dropped"
-               if td.stats else "")
+            + f"; {sum(sizes.values()):,} in all" + read
         )
         lines.append(f"  labels: {len(td.labels)}" + (" (BIO tags; counts are entities)" if t.kind == "token_classification" else ""))
         for split in SPLITS:
@@ -116,6 +143,11 @@ def summarize(cfg: RunConfig, data: dict[str, TaskData]) -> str:
                 shown = ", ".join(f"{k} {v}" for k, v in list(counts.items())[:12])
                 more = f", ... ({len(counts) - 12} more)" if len(counts) > 12 else ""
                 lines.append(f"  {split:<10} {shown}{more}")
+        for split in SPLITS:
+            unseen = td.unseen(split)
+            if unseen:
+                lines.append(f"  {split:<10} not in the labels (skipped when encoding): "
+                             + ", ".join(f"{k} {v}" for k, v in unseen.items()))
     return "\n".join(lines)
 
 
@@ -124,7 +156,7 @@ def run_data(cfg: RunConfig, tokenize: bool = True) -> dict[str, Any]:
     t0 = time.time()
     data = read_tasks(cfg)
     print(summarize(cfg, data), flush=True)
-    result: dict[str, Any] = {t: {s: len(d.splits[s]) for s in SPLITS} for t, d in data.items()}
+    result: dict[str, Any] = {t: {s: d.size(s) for s in SPLITS} for t, d in data.items()}
     if tokenize:
         from pipelines.ray_utils import init_ray
 
@@ -134,6 +166,6 @@ def run_data(cfg: RunConfig, tokenize: bool = True) -> dict[str, Any]:
             n = ds.count()
             task, split = key.split(".")
             result[task][split + "_tokenized"] = n
-        print(f"[data] tokenized {sum(len(d.splits[s]) for d in data.values() for s in SPLITS):,} rows "
+        print(f"[data] tokenized {sum(d.size(s) for d in data.values() for s in SPLITS):,} rows "
               f"through Ray Data in {time.time() - t0:.1f}s", flush=True)
     return result

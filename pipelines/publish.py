@@ -23,7 +23,7 @@ import torch
 
 from mtl import storage
 from mtl.config import RunConfig
-from mtl.readers import TaskData
+from mtl.readers import SPLITS, TaskData
 
 MODEL_DIR = "model"  # the artifact inside every checkpoint
 
@@ -190,7 +190,10 @@ def _evaluate_remote(model_dir: str, rows: dict[str, list[dict]], batch_size: in
     from mtl.calibration import calibrate, write_temperatures
     from mtl.evaluation import test_report
     from mtl.model import MultiTaskModel
+    from pipelines.sources import as_rows
 
+    rows = {t: as_rows(r) for t, r in rows.items()}
+    validation = {t: as_rows(r) for t, r in validation.items()} if validation else validation
     torch.set_num_threads(max(1, threads))
     # the GPU only when Ray assigned one (Ray no longer hides GPUs from num_gpus=0 tasks)
     device = torch.device("cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu")
@@ -214,8 +217,11 @@ def evaluate_test(cfg: RunConfig, model_dir: str | Path, data: dict[str, TaskDat
 
     use_gpu = resolve_use_gpu(cfg)
     fn = ray.remote(num_cpus=cfg.train.cpus_per_worker, num_gpus=1 if use_gpu else 0)(_evaluate_remote)
-    rows = {t: d.splits[split] for t, d in data.items()}
-    validation = {t: d.splits["validation"] for t, d in data.items()} if calibrate else None
+    from pipelines.sources import split_rows
+
+    # row lists, or the Ray Datasets of sources read where they lie (read inside the task)
+    rows = {t: split_rows(d, split) for t, d in data.items()}
+    validation = {t: split_rows(d, "validation") for t, d in data.items()} if calibrate else None
     report, calibration = ray.get(fn.remote(str(model_dir), rows, cfg.train.eval_batch_size,
                                             int(cfg.train.cpus_per_worker), validation))
     return report, calibration
@@ -264,7 +270,7 @@ def publish_model(cfg: RunConfig, checkpoint, data: dict[str, TaskData], dest: P
                     client.log_metric(run_id, f"calibration/{t}/{k}", float(c[k]))
             if c.get("plot"):
                 client.log_artifact(run_id, c["plot"], "plots")
-        sizes = {t: {s: len(d.splits[s]) for s in d.splits} for t, d in data.items()}
+        sizes = {t: {s: d.size(s) for s in SPLITS} for t, d in data.items()}
         client.log_text(run_id, tracking.model_card(cfg, test, sizes, card_extra), "model_card.md")
         out.model_uri = tracking.log_model(run_id, dest)
         if register:

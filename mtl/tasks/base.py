@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections import Counter
 from typing import Any, ClassVar
 
 import numpy as np
@@ -55,6 +56,16 @@ class TaskKind(ABC):
     def __init__(self, labels: list[str]):
         self.labels = list(labels)
         self.index = {label: i for i, label in enumerate(self.labels)}
+        # labels met by ``encode_labels`` that are not in ``labels`` (an evaluation split's label
+        # the train split never had): skipped (IGNORE_INDEX, or left out of a multi-label row), counted here
+        self.unseen: Counter[str] = Counter()
+
+    def label_id(self, name: Any) -> int | None:
+        """The index of a label name, or None (counted in ``unseen``) when the list lacks it."""
+        i = self.index.get(str(name))
+        if i is None:
+            self.unseen[str(name)] += 1
+        return i
 
     @property
     def num_outputs(self) -> int:

@@ -30,7 +30,9 @@ class MultiLabelClassification(TaskKind):
         out = np.zeros((len(raw), self.num_outputs), dtype=np.float32)
         for row, names in enumerate(raw):
             for name in names:
-                out[row, self.index[str(name)]] = 1.0
+                i = self.label_id(name)  # a name not in the list is left out (and counted)
+                if i is not None:
+                    out[row, i] = 1.0
         return out
 
     def loss(self, logits, labels):

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mtl.tasks.base import SentenceHead, TaskKind
+from mtl.tasks.base import IGNORE_INDEX, SentenceHead, TaskKind
 from mtl.tasks.metrics import confusion_matrix, per_label_prf
 
 
@@ -21,13 +21,17 @@ class SequenceClassification(TaskKind):
         return SentenceHead(hidden, self.num_outputs, dropout, pooling)
 
     def encode_labels(self, raw, word_ids, length):
-        return np.asarray([self.index[str(r)] for r in raw], dtype=np.int64)
+        ids = (self.label_id(r) for r in raw)
+        return np.asarray([IGNORE_INDEX if i is None else i for i in ids], dtype=np.int64)
 
     def loss(self, logits, labels):
-        return F.cross_entropy(logits.float(), labels)
+        if not bool((labels != IGNORE_INDEX).any()):  # every row's label unseen: no signal, not NaN
+            return logits.float().sum() * 0.0
+        return F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX)
 
     def gather(self, logits, labels):
-        return logits.argmax(-1).tolist(), labels.tolist()
+        keep = labels != IGNORE_INDEX  # rows whose label is not in the list are skipped
+        return logits.argmax(-1)[keep].tolist(), labels[keep].tolist()
 
     def metrics(self, preds, refs):
         cm = confusion_matrix(preds, refs, self.num_outputs)

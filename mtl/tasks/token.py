@@ -53,7 +53,7 @@ class TokenClassification(TaskKind):
     def encode_labels(self, raw, word_ids, length):
         out = np.full((len(raw), length), IGNORE_INDEX, dtype=np.int64)
         for row, (tags, wids) in enumerate(zip(raw, word_ids)):
-            ids = [self.index[str(t)] for t in tags]
+            ids = [IGNORE_INDEX if i is None else i for i in map(self.label_id, tags)]  # unseen: skipped
             out[row, : len(wids)] = first_subword_labels(ids, wids)
         return out
 

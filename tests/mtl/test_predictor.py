@@ -310,3 +310,20 @@ def test_onnx_int8_runs_and_mostly_agrees(onnx_artifact):
     assert all(len(o["slots"]["tags"]) == len(t.split()) for o, t in zip(out, texts))
     with pytest.raises(ValueError, match="CPU only"):
         Predictor.load(onnx_artifact, device="meta", backend="onnx")
+
+
+def test_report_counts_labels_the_model_never_saw(tiny_artifact, quick_data):
+    """An evaluation row whose label is outside the model's list is skipped by the metrics and
+    counted in the report (never a KeyError)."""
+    from mtl.evaluation import test_report
+
+    _, data = quick_data
+    p = Predictor.load(tiny_artifact, device="cpu")
+    known = list(data["topic"].rows("test"))[:6]
+    rows = known + [{"text": "a brand new kind of story", "label": "science"}] * 2
+    report = test_report(p.model, p.tokenizer, {"topic": rows}, batch_size=4)["topic"]
+    assert report["unseen_labels"] == {"science": 2}
+    assert report["n"] == 8
+    assert sum(report["confusion"][i][j] for i in range(5) for j in range(5)) == 6
+    plain = test_report(p.model, p.tokenizer, {"topic": known}, batch_size=4)["topic"]
+    assert "unseen_labels" not in plain and plain["metrics"] == report["metrics"]

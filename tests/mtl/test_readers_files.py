@@ -250,3 +250,27 @@ def test_a_text_the_model_cannot_take_is_an_error_naming_the_row(tmp_path, bad, 
     with pytest.raises(DataError) as err:
         read_task(task("sequence_classification", type="jsonl", path=str(path)), DATA, seed=1)
     assert needle in str(err.value) and "rows.jsonl" in str(err.value) and "source" in str(err.value)
+
+
+def test_conll_space_separated_whitespace_separators_and_trailing_tabs(tmp_path):
+    """Space-separated ``token tag`` lines, separator lines holding only spaces/tabs, and a trailing
+    tab after the tag (which the tab-split reader turned into an empty tag) all parse the same."""
+    path = tmp_path / "mixed.conll"
+    path.write_text("Paris\tB-LOC\t\nis O\n  \t \nJohn  B-PER \r\nSmith\tI-PER\n\t\nruns\tO\n")
+    assert read_conll(str(path)) == [
+        {"text": "Paris is", "label": ["B-LOC", "O"]},
+        {"text": "John Smith", "label": ["B-PER", "I-PER"]},
+        {"text": "runs", "label": ["O"]},
+    ]
+
+
+def test_labels_from_the_config_are_kept_in_order(tmp_path):
+    path = tmp_path / "reviews.csv"
+    pd.DataFrame({"text": [t for t, _ in REVIEWS], "label": [y for _, y in REVIEWS]}).to_csv(path, index=False)
+    td = read_task(task("sequence_classification", type="csv", path=str(path), labels=["pos", "neg", "meh"]),
+                   DATA, seed=1)
+    assert td.labels == ["pos", "neg", "meh"]
+    assert td.unseen("test") == {}
+    td.labels = ["pos"]
+    assert td.unseen("train") == {"neg": 6}
+    assert td.size("train") == 12 and len(list(td.rows("train"))) == 12

@@ -53,8 +53,28 @@ def test_sequence_encode_and_loss():
     loss = k.loss(logits, torch.tensor([0, 1]))
     assert loss.item() == pytest.approx((math.log(4) + math.log(4 / 3)) / 2, rel=1e-6)
     assert k.loss(torch.zeros(3, 2), torch.tensor([0, 1, 1])).item() == pytest.approx(math.log(2), rel=1e-6)
-    with pytest.raises(KeyError):
-        k.encode_labels(["c"], [], 8)
+    # a label outside the list (first met at evaluation) is skipped and counted, never a crash
+    assert k.encode_labels(["c", "a", "c"], [], 8).tolist() == [IGNORE_INDEX, 0, IGNORE_INDEX]
+    assert k.unseen == {"c": 2}
+
+
+def test_unseen_labels_are_skipped_and_counted_by_every_kind():
+    seq = make_kind("sequence_classification", ["a", "b"])
+    labels = torch.tensor(seq.encode_labels(["z", "b", "a"], [], 8))
+    logits = torch.tensor([[5.0, 0.0], [0.0, 5.0], [0.0, 5.0]])
+    assert seq.gather(logits, labels) == ([1, 1], [1, 0])  # the "z" row is left out of the metrics
+    assert seq.loss(logits, labels).item() == pytest.approx(
+        torch.nn.functional.cross_entropy(logits[1:], labels[1:]).item())
+    only_unseen = torch.tensor(seq.encode_labels(["z"], [], 8))
+    assert seq.loss(logits[:1], only_unseen).item() == 0.0  # not NaN
+    assert seq.unseen == {"z": 2}
+    multi = make_kind("multi_label", ["x", "y"])
+    assert multi.encode_labels([["x", "w"], ["w"]], [], 8).tolist() == [[1.0, 0.0], [0.0, 0.0]]
+    assert multi.unseen == {"w": 2}
+    tok = make_kind("token_classification", ["O", "B-A", "I-A"])
+    out = tok.encode_labels([["B-A", "B-NEW", "O"]], [[None, 0, 1, 2, None]], 6)
+    assert out.tolist() == [[IGNORE_INDEX, 1, IGNORE_INDEX, 0, IGNORE_INDEX, IGNORE_INDEX]]
+    assert tok.unseen == {"B-NEW": 1}
 
 
 def test_sequence_metrics_known_answers():
