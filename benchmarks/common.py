@@ -302,7 +302,7 @@ def tokenize_arrays(cfg, data: dict, splits: tuple[str, ...] = ("train", "valida
         fn = Tokenize(tok_dir, info)
         out[info.name] = {}
         for split in splits:
-            rows = data[info.name].splits[split]
+            rows = list(data[info.name].rows(split))  # driver-held or read back from Ray Data
             parts = []
             for i in range(0, len(rows), bs):
                 chunk = rows[i:i + bs]

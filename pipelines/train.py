@@ -192,7 +192,7 @@ def make_loop_config(cfg: RunConfig, data: dict[str, TaskData], mlflow_run_id: s
 
     encoder = str(resolve_encoder(cfg.model.encoder))
     return LoopConfig(cfg=cfg, tasks=task_infos(cfg, data), encoder_dir=encoder, tokenizer_dir=encoder,
-                      train_sizes={t: len(d.splits["train"]) for t, d in data.items()},
+                      train_sizes={t: d.size("train") for t, d in data.items()},
                       mlflow_uri=absolute_tracking_uri(cfg.mlflow.tracking_uri) if cfg.mlflow.enabled else None,
                       mlflow_run_id=mlflow_run_id, **overrides)
 

@@ -33,14 +33,11 @@ def test_one_worker_on_each_node(two_nodes):
 
 
 def test_the_nodes_trained_on_disjoint_shards_that_cover_each_split(two_nodes):
-    _, out = two_nodes
+    from test_train import check_shards_cover_the_split, epoch_rows
+
+    result, out = two_nodes
     for task in ("sentiment", "cities"):
-        epoch0 = []
-        for rank in (0, 1):
-            drawn = (out / "rows" / f"rank{rank}-{task}.txt").read_text().split()
-            epoch0.append([int(x.split(":")[1]) for x in drawn if x.startswith("0:")])
-        assert len(epoch0[0]) == len(epoch0[1]) == 160, task
-        assert sorted(epoch0[0] + epoch0[1]) == list(range(320)), task
+        check_shards_cover_the_split(epoch_rows(out / "rows", task), result["train_ids"][task])
 
 
 def test_two_node_run_learns(two_nodes):

@@ -47,7 +47,11 @@ def main(out: Path) -> None:
         (out / "rows").mkdir()
         cfg = make_config((out, csv_path, conll_path, encoder), out, placement_strategy="STRICT_SPREAD")
         summary = run_training(cfg, callbacks=[faults.RecordRows(str(out / "rows")), faults.RecordNode(str(out))])
-        result = {"nodes": nodes, "worker_nodes": [(out / f"node{r}.txt").read_text() for r in (0, 1)],
+        from pipelines.data import read_tasks
+
+        data = read_tasks(cfg)
+        result = {"train_ids": {t: [r["idx"] for r in d.rows("train")] for t, d in data.items()},
+                  "nodes": nodes, "worker_nodes": [(out / f"node{r}.txt").read_text() for r in (0, 1)],
                   "test_metrics": summary.test_metrics, "steps": summary.steps,
                   "history": summary.history}
         (out / "result.json").write_text(json.dumps(result))
