@@ -55,9 +55,9 @@ def read_tasks(cfg: RunConfig) -> dict[str, TaskData]:
         else:
             out[t.name] = read_task(t, cfg.data, cfg.seed, where=f"tasks.{i}.source")
     if plans:
-        from pipelines.ray_utils import init_ray
+        from pipelines.ray_utils import init_ray, required_cpus
 
-        init_ray()
+        init_ray(min_cpus=required_cpus(cfg))  # a local Ray sized for the run that reads this data
         # one counting pass per task; Ray Data runs them side by side from threads
         with ThreadPoolExecutor(max_workers=min(4, len(plans))) as pool:
             opened = pool.map(lambda plan: open_source(plan, cfg.data, cfg.seed), plans.values())

@@ -5,7 +5,6 @@ text, labelled by a Ray Data pass, and tokenized with exactly the rows read."""
 from __future__ import annotations
 
 import json
-import os
 from collections import Counter
 
 import pyarrow as pa
@@ -236,33 +235,18 @@ def test_a_bad_row_read_by_a_worker_is_a_plain_data_error(tmp_path, ray_session,
 
 
 @pytest.fixture(scope="module")
-def s3_parquet():
-    """moto's S3 server on 127.0.0.1 (a free port), a bucket, and a Parquet input in two parts."""
-    from moto.server import ThreadedMotoServer
+def s3_parquet(s3_server):
+    """A bucket on the session's S3 server (moto on 127.0.0.1) holding a Parquet input in two parts."""
     from pyarrow import fs
 
-    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
-    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    try:
-        _, port = server.get_host_and_port()
-        s3 = fs.S3FileSystem(endpoint_override=f"127.0.0.1:{port}", scheme="http", region="us-east-1",
-                             access_key="testing", secret_key="testing", allow_bucket_creation=True)
-        s3.create_dir("mtl-data")
-        rows = [review(i) for i in range(400)]
-        for part in range(2):
-            chunk = rows[part * 200:(part + 1) * 200]
-            pq.write_table(pa.table({"sentence": [t for t, _ in chunk], "stars": [y for _, y in chunk]}),
-                           f"mtl-data/reviews/part-{part}.parquet", filesystem=s3)
-        yield f"s3://mtl-data/reviews?endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1", rows
-    finally:
-        server.stop()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    uri = s3_server("mtl-data", "reviews")
+    s3, root = fs.FileSystem.from_uri(uri)
+    rows = [review(i) for i in range(400)]
+    for part in range(2):
+        chunk = rows[part * 200:(part + 1) * 200]
+        pq.write_table(pa.table({"sentence": [t for t, _ in chunk], "stars": [y for _, y in chunk]}),
+                       f"{root}/part-{part}.parquet", filesystem=s3)
+    return uri, rows
 
 
 def test_parquet_on_s3_read_split_labelled_and_tokenized(s3_parquet, ray_session, tiny_encoder):
