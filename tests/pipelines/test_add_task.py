@@ -140,3 +140,24 @@ def test_cli_parses_add_task():
     assert args.overrides == ["train.max_steps=5"]
     with pytest.raises(SystemExit):
         build_parser().parse_args(["add-task", "--config", "new.yaml"])  # --base is required
+
+
+def test_add_tasks_and_freeze_in_process(tiny_encoder):
+    """No Ray: new heads are seeded, clashes refused, and only the new heads reach the optimizer."""
+    import torch
+
+    from mtl.engine import param_groups
+    from mtl.model import MultiTaskModel, TaskInfo
+
+    model = MultiTaskModel.from_encoder(tiny_encoder, [TaskInfo("old", "sequence_classification", ["a", "b"])])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    new = [TaskInfo("new", "sequence_classification", ["x", "y", "z"])]
+    model.add_tasks(new, seed=1)
+    again = MultiTaskModel.from_encoder(tiny_encoder, [TaskInfo("old", "sequence_classification", ["a", "b"])])
+    assert torch.equal(again.add_tasks(new, seed=1).heads["new"].out.weight, model.heads["new"].out.weight)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+    with pytest.raises(ValueError, match="'old'"):
+        model.add_tasks([TaskInfo("old", "sequence_classification", ["a"])])
+    model.freeze_except(["new"])
+    trainable = {id(p) for p in model.heads["new"].parameters()}
+    assert {id(p) for g in param_groups(model, 1e-3, 1e-2, 0.01) for p in g["params"]} == trainable
