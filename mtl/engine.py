@@ -172,7 +172,8 @@ class TrainModule(nn.Module):
             return out
         losses = {t: self.model.kinds[t].loss(out[t], batches[t][2]) for t in batches}
         total = self.weighting(losses)
-        unused = [p for t, h in self.model.heads.items() if t not in batches for p in h.parameters()]
+        unused = [p for t, h in self.model.heads.items() if t not in batches
+                  for p in h.parameters() if p.requires_grad]
         unused += self.weighting.unused_parameters(list(batches))
         if unused:
             total = total + 0.0 * sum(p.sum() for p in unused)
@@ -232,12 +233,17 @@ class Engine:
 
     def __init__(self, model: MultiTaskModel, data: dict[str, dict[str, dict[str, np.ndarray]]],
                  config: EngineConfig, *, device: torch.device | None = None,
-                 wrap: Callable[[nn.Module], nn.Module] | None = None, callbacks: Iterable[Callback] = ()):
+                 wrap: Callable[[nn.Module], nn.Module] | None = None, callbacks: Iterable[Callback] = (),
+                 tasks: Iterable[str] | None = None):
         self.config = c = config
         self.device = device or torch.device("cpu")
         self.rank, self.world = D.world_info()
         check_config(c, self.world)
-        self.names = list(model.tasks)
+        # the tasks trained, sampled and evaluated (default: all the model's); ``data`` holds only these
+        self.names = list(tasks) if tasks is not None else list(model.tasks)
+        unknown = [t for t in self.names if t not in model.tasks]
+        if unknown:
+            raise ValueError(f"tasks {unknown} are not in the model ({list(model.tasks)})")
         self.data = data
         self.callbacks = list(callbacks)
         method = "static" if c.weighting == "pcgrad" else c.weighting

@@ -63,6 +63,33 @@ class MultiTaskModel(nn.Module):
         torch.manual_seed(seed)
         return cls(encoder, tasks)
 
+    def add_tasks(self, tasks: list[TaskInfo], seed: int = 0) -> MultiTaskModel:
+        """Add one head per new task, initialised from ``seed``; the encoder, the existing heads and
+        their ``TaskInfo`` (labels, temperature, max_length) are left as they are. A name this model
+        already has is refused."""
+        clash = [t.name for t in tasks if t.name in self.tasks]
+        if clash:
+            raise ValueError(f"task(s) {clash} already in this model (it has {list(self.tasks)})")
+        hidden = self.encoder.config.hidden_size
+        torch.manual_seed(seed)
+        for t in tasks:
+            self.tasks[t.name] = t
+            self.kinds[t.name] = t.make_kind()
+            self.heads[t.name] = self.kinds[t.name].build_head(hidden, t.head_dropout, t.pooling)
+        return self
+
+    def freeze_except(self, tasks: list[str]) -> None:
+        """Only the heads of ``tasks`` stay trainable: the encoder and every other head get
+        ``requires_grad = False`` (optimizers and DDP then leave them alone)."""
+        unknown = [t for t in tasks if t not in self.heads]
+        if unknown:
+            raise KeyError(f"no head for task(s) {unknown}; this model has {list(self.heads)}")
+        for p in self.parameters():
+            p.requires_grad_(False)
+        for t in tasks:
+            for p in self.heads[t].parameters():
+                p.requires_grad_(True)
+
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Token states [B, T, H]."""
         return self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state

@@ -6,6 +6,7 @@
     mtl-ray run   --config configs/quick.yaml [--serve]  # data -> sweep/train -> test -> register (-> serve)
     mtl-ray serve --model models:/mtl-ray-quick@champion # Ray Serve on 127.0.0.1:8000
     mtl-ray evaluate --config ... --model DIR            # an artifact's metrics on the test sets (no Ray)
+    mtl-ray add-task --base models:/mtl-ray-quick@champion --config new_task.yaml  # new heads, old ones frozen
 
 Config errors, missing data packages and wrong columns are reported before Ray starts.
 """
@@ -58,6 +59,16 @@ def cmd_run(args) -> int:
     from pipelines.run import run_pipeline
 
     run_pipeline(_config(args), serve=args.serve)
+    return 0
+
+
+def cmd_add_task(args) -> int:
+    """Train new task heads on a frozen base model and publish base + new heads (pipelines/add_task.py).
+    The config's ``model.encoder`` is replaced by the base's, so its package is not required."""
+    from pipelines.add_task import add_task
+
+    result = add_task(load_config(args.config, args.overrides), args.base, register=not args.no_register)
+    print(json.dumps({**result.summary(), "base": args.base}, indent=2, default=str))
     return 0
 
 
@@ -128,6 +139,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = with_config(sub.add_parser("run", help="the whole pipeline: data, sweep or train, test, register"))
     p.add_argument("--serve", action="store_true", help="serve the champion afterwards and print a sample request")
     p.set_defaults(func=cmd_run)
+
+    p = with_config(sub.add_parser("add-task", help="add new task heads to a trained model; its encoder and "
+                                   "old heads stay unchanged"))
+    p.add_argument("--base", required=True, help="the model to grow: models:/<name>@<alias>, models:/<name>/<n>, "
+                   "runs:/<id>/model, an artifact directory or an object-storage URI")
+    p.add_argument("--no-register", action="store_true", help="do not register the result (it is still logged "
+                   "to MLflow when mlflow.enabled)")
+    p.set_defaults(func=cmd_add_task)
 
     p = with_config(sub.add_parser("evaluate", help="metrics of a model artifact on the config's test (or other) split"))
     p.add_argument("--model", required=True, help="artifact directory, models:/<name>@<alias> or runs:/<id>/model")

@@ -61,6 +61,10 @@ class LoopConfig:
     temperature: float | None = None
     callbacks: list[Callback] = field(default_factory=list)
     train_sizes: dict[str, int] = field(default_factory=dict)  # rows of each task's training split
+    # add-task (pipelines.add_task): the model is this artifact (a path every worker can read) plus
+    # heads for ``tasks``; only ``trainable_tasks``' heads train (None: the whole model trains)
+    base_model_dir: str | None = None
+    trainable_tasks: list[str] | None = None
 
     def engine_config(self) -> EngineConfig:
         weights = self.task_weights or {t.name: t.weight for t in self.cfg.tasks}
@@ -126,8 +130,12 @@ def train_loop_per_worker(loop: LoopConfig) -> list[dict[str, float]] | None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         model, state = _restore(checkpoint)
+    elif loop.base_model_dir:
+        model, state = MultiTaskModel.load(loop.base_model_dir, "cpu")[0].add_tasks(loop.tasks, seed=tc.seed).train(), None
     else:
         model, state = MultiTaskModel.from_encoder(loop.encoder_dir, loop.tasks, seed=tc.seed), None
+    if loop.trainable_tasks is not None:  # also after a restore: a checkpoint does not record requires_grad
+        model.freeze_except(loop.trainable_tasks)
     if tc.strategy == "fsdp":
         def wrap(m):
             return shard_fsdp(m, device)
@@ -137,7 +145,8 @@ def train_loop_per_worker(loop: LoopConfig) -> list[dict[str, float]] | None:
     rank = ray.train.get_context().get_world_rank()
     tracker = MlflowWriter(loop.mlflow_uri, loop.mlflow_run_id) if rank == 0 else MlflowWriter(None, None)
     callbacks = [ReportToRay(loop.tokenizer_dir), ProgressLog(tracker, tc.log_every), *loop.callbacks]
-    engine = Engine(model, data, loop.engine_config(), device=device, wrap=wrap, callbacks=callbacks)
+    engine = Engine(model, data, loop.engine_config(), device=device, wrap=wrap, callbacks=callbacks,
+                    tasks=[t.name for t in loop.tasks])
     if state:
         engine.load_state_dict(state)
     engine.fit()
@@ -190,17 +199,19 @@ def make_loop_config(cfg: RunConfig, data: dict[str, TaskData], mlflow_run_id: s
     from pipelines.data import task_infos
     from pipelines.tracking import absolute_tracking_uri
 
-    encoder = str(resolve_encoder(cfg.model.encoder))
-    return LoopConfig(cfg=cfg, tasks=task_infos(cfg, data), encoder_dir=encoder, tokenizer_dir=encoder,
+    base = overrides.get("base_model_dir")  # add-task: the base artifact's encoder and tokenizer
+    encoder = str(Path(base) / "encoder") if base else str(resolve_encoder(cfg.model.encoder))
+    tokenizer = str(Path(base) / "tokenizer") if base else encoder
+    return LoopConfig(cfg=cfg, tasks=task_infos(cfg, data), encoder_dir=encoder, tokenizer_dir=tokenizer,
                       train_sizes={t: d.size("train") for t, d in data.items()},
                       mlflow_uri=absolute_tracking_uri(cfg.mlflow.tracking_uri) if cfg.mlflow.enabled else None,
                       mlflow_run_id=mlflow_run_id, **overrides)
 
 
-def train_datasets(cfg: RunConfig, data: dict[str, TaskData]) -> dict[str, Any]:
+def train_datasets(cfg: RunConfig, data: dict[str, TaskData], tokenizer_dir: str | None = None) -> dict[str, Any]:
     from pipelines.data import build_datasets
 
-    out = {k: v for k, v in build_datasets(cfg, data).items() if k.rsplit(".", 1)[1] in EVAL_SPLITS}
+    out = {k: v for k, v in build_datasets(cfg, data, tokenizer_dir).items() if k.rsplit(".", 1)[1] in EVAL_SPLITS}
     if cfg.train.data_sharding == "streaming":  # a fresh block order each epoch; rows mix in the workers' buffers
         out = {k: v.randomize_block_order(seed=cfg.seed) if k.endswith(".train") else v for k, v in out.items()}
     return out
