@@ -70,7 +70,8 @@ def plain_run(cfg, data, steps: int, n_threads: int) -> dict:
 
 def ray_run(cfg, data, workdir: Path, tag: str) -> dict:
     from pipelines.publish import history
-    from pipelines.train import build_trainer, make_loop_config, train_datasets
+    from pipelines.sharding import train_datasets
+    from pipelines.train import build_trainer, make_loop_config
 
     t_start = time.time()
     loop_config = make_loop_config(cfg, data, None)

@@ -127,7 +127,8 @@ def add_task(cfg: RunConfig, base: str, register: bool = True, data: dict[str, T
     from pipelines import publish, tracking
     from pipelines.data import read_tasks
     from pipelines.ray_utils import check_resources, init_ray, required_cpus
-    from pipelines.train import build_trainer, check_train_config, make_loop_config, train_datasets
+    from pipelines.sharding import train_datasets
+    from pipelines.train import build_trainer, check_train_config, make_loop_config
 
     check_train_config(cfg)
     t0 = time.time()

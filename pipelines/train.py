@@ -5,7 +5,7 @@
     mtl-ray train --config configs/quick.yaml train.strategy=fsdp train.num_workers=2
     mtl-ray train --config configs/quick.yaml --resume              # continue the last run of this name
 
-Each worker streams its own shard of every task's training split from Ray Data (Ray Train's
+Each worker streams its own shard of every task's training split (``pipelines.sharding``: Ray Train's
 streaming split, ``train.data_sharding: streaming``; a local shuffle buffer, re-iterated per
 epoch) and reads its shard of each validation split once; no worker holds a whole split. With
 ``data_sharding: replicated`` every worker holds every split instead. Each worker builds
@@ -19,18 +19,16 @@ rank 0's MLflow curves and progress lines. The driver side (best checkpoint, tes
 from __future__ import annotations
 
 import logging
-import math
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from mtl.config import RunConfig
-from mtl.engine import Callback, Engine, EngineConfig, Shard, StreamBatches
+from mtl.engine import Callback, Engine, EngineConfig
 from mtl.model import MultiTaskModel, TaskInfo
 from mtl.readers import TaskData
 from pipelines.progress import MlflowWriter, ProgressLog
@@ -38,7 +36,6 @@ from pipelines.publish import MODEL_DIR, RunResult, best_checkpoint, evaluate_te
 from pipelines.ray_utils import resolve_use_gpu  # noqa: F401 (re-exported for tune/sweep.py)
 
 TRAIN_STATE = "train_state.pt"
-EVAL_SPLITS = ("train", "validation")  # what workers load; the test pass runs after fit
 
 
 @dataclass
@@ -97,17 +94,6 @@ class ReportToRay(Callback):
             ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(d))
 
 
-def _materialize(iterator) -> dict[str, np.ndarray]:
-    """All rows of a Ray Data iterator as numpy arrays, in ``idx`` order (deterministic)."""
-    parts = list(iterator.iter_batches(batch_size=2048, batch_format="numpy"))
-    if not parts:  # an empty shard (a split smaller than the worker count)
-        return {"idx": np.zeros(0, np.int64), "input_ids": np.zeros((0, 1), np.int64),
-                "attention_mask": np.zeros((0, 1), np.int64), "labels": np.zeros(0, np.int64)}
-    out = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-    order = np.argsort(out["idx"], kind="stable")
-    return {k: v[order] for k, v in out.items()}
-
-
 def _restore(checkpoint) -> tuple[MultiTaskModel, dict[str, Any]]:
     with checkpoint.as_directory() as d:
         model, _ = MultiTaskModel.load(Path(d) / MODEL_DIR, "cpu")
@@ -121,12 +107,13 @@ def train_loop_per_worker(loop: LoopConfig) -> list[dict[str, float]] | None:
     import ray.train.torch
 
     from mtl.distributed import shard_fsdp
+    from pipelines.sharding import worker_data
 
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     tc = loop.cfg.train
     torch.set_num_threads(max(1, int(tc.threads_per_worker or tc.cpus_per_worker)))
     device = ray.train.torch.get_device()
-    data = worker_data(loop)
+    data = worker_data(loop)  # this worker's streamed shards (pipelines.sharding)
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         model, state = _restore(checkpoint)
@@ -153,38 +140,6 @@ def train_loop_per_worker(loop: LoopConfig) -> list[dict[str, float]] | None:
     return engine.history if engine.rank == 0 else None
 
 
-def worker_data(loop: LoopConfig) -> dict[str, dict[str, Any]]:
-    """This worker's input for the engine: its streamed shard of each training split and (read at
-    the first evaluation) its shard of each validation split; or, replicated, whole splits."""
-    import ray.train
-
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    tc, ec = loop.cfg.train, loop.engine_config()
-    out: dict[str, dict[str, Any]] = {}
-    for i, t in enumerate(task.name for task in loop.tasks):
-        train, val = (ray.train.get_dataset_shard(f"{t}.{s}") for s in EVAL_SPLITS)
-        if tc.data_sharding == "replicated":
-            out[t] = {"train": _materialize(train), "validation": _materialize(val)}
-            continue
-        per_rank = ec.batch_size // ec.grad_accum // world
-        rows = loop.train_sizes[t] // world  # an equal streaming split: every shard this many rows
-        out[t] = {"train": StreamBatches(_epochs(train, per_rank, min(tc.shuffle_buffer, rows), ec.seed, i, rank),
-                                         loop.train_sizes[t], max(1, math.ceil(rows / per_rank))),
-                  "validation": Shard(lambda val=val: _materialize(val))}
-    return out
-
-
-def _epochs(shard, batch: int, buffer: int, seed: int, task: int, rank: int):
-    """Epoch ``e`` of this worker's training shard: batches of ``batch`` rows (the last one may be
-    smaller), locally shuffled with a seed of (seed, task, rank, epoch)."""
-    def epoch(e: int):
-        return shard.iter_batches(batch_size=batch, batch_format="numpy", drop_last=False,
-                                  local_shuffle_buffer_size=max(buffer, batch),
-                                  local_shuffle_seed=int(np.random.SeedSequence([seed, task, rank, e]).generate_state(1)[0]))
-    return epoch
-
-
 def check_train_config(cfg: RunConfig) -> None:
     """The config gate's rules (``mtl.config``), again for a config changed in code."""
     from mtl.config import check_config
@@ -208,28 +163,6 @@ def make_loop_config(cfg: RunConfig, data: dict[str, TaskData], mlflow_run_id: s
                       mlflow_run_id=mlflow_run_id, **overrides)
 
 
-def train_datasets(cfg: RunConfig, data: dict[str, TaskData], tokenizer_dir: str | None = None) -> dict[str, Any]:
-    from pipelines.data import build_datasets
-
-    out = {k: v for k, v in build_datasets(cfg, data, tokenizer_dir).items() if k.rsplit(".", 1)[1] in EVAL_SPLITS}
-    if cfg.train.data_sharding == "streaming":  # a fresh block order each epoch; rows mix in the workers' buffers
-        out = {k: v.randomize_block_order(seed=cfg.seed) if k.endswith(".train") else v for k, v in out.items()}
-    return out
-
-
-def data_config(cfg: RunConfig, names: list[str]):
-    """Streaming: the training splits split into equal shards (ranks take the same number of
-    batches per epoch, so they stay in step) and the validation splits into shards that drop no
-    row; replicated: nothing split."""
-    from ray.train import DataConfig
-
-    from pipelines.sharding import ShardData
-
-    if cfg.train.data_sharding == "replicated":
-        return DataConfig(datasets_to_split=[])
-    return ShardData([f"{t}.train" for t in names], [f"{t}.validation" for t in names])
-
-
 def build_trainer(cfg: RunConfig, loop_config: LoopConfig, datasets: dict[str, Any], run_name: str,
                   storage_path: str, callbacks: list | None = None, storage_filesystem: Any = None):
     """A TorchTrainer for this config: gloo on CPU, nccl on GPU; restarts from the last checkpoint
@@ -238,6 +171,7 @@ def build_trainer(cfg: RunConfig, loop_config: LoopConfig, datasets: dict[str, A
     from ray.train import RunConfig as RayRunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from pipelines import sharding
     from pipelines.ray_utils import check_resources, runtime_env
 
     tc = cfg.train
@@ -261,7 +195,7 @@ def build_trainer(cfg: RunConfig, loop_config: LoopConfig, datasets: dict[str, A
             worker_runtime_env=runtime_env(),
         ),
         datasets=datasets,
-        dataset_config=data_config(cfg, [t.name for t in loop_config.tasks]),
+        dataset_config=sharding.data_config(cfg, [t.name for t in loop_config.tasks]),
     )
 
 
@@ -274,6 +208,7 @@ def run_training(cfg: RunConfig, resume: bool = False, data: dict[str, TaskData]
     from pipelines import publish, tracking
     from pipelines.data import read_tasks
     from pipelines.ray_utils import check_resources, init_ray, required_cpus
+    from pipelines.sharding import train_datasets
 
     check_train_config(cfg)
     data = data or read_tasks(cfg)  # fails before Ray on bad data

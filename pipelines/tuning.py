@@ -29,7 +29,8 @@ class TrialTrainer:
     data: dict[str, Any]
 
     def __call__(self, trial: TrialSpec):
-        from pipelines.train import build_trainer, make_loop_config, train_datasets
+        from pipelines.sharding import train_datasets
+        from pipelines.train import build_trainer, make_loop_config
 
         loop_config = make_loop_config(trial.cfg, self.data, trial.mlflow_run_id, **trial.params)
         return build_trainer(trial.cfg, loop_config, train_datasets(trial.cfg, self.data), run_name=trial.run_name,
