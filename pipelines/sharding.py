@@ -31,10 +31,6 @@ def data_config(cfg: RunConfig, names: list[str]):
     """Streaming: the training splits split into equal shards (ranks take the same number of
     batches per epoch, so they stay in step) and the validation splits into shards that drop no
     row; replicated: nothing split."""
-    from ray.train import DataConfig
-
-    from pipelines.sharding import ShardData
-
     if cfg.train.data_sharding == "replicated":
         return DataConfig(datasets_to_split=[])
     return ShardData([f"{t}.train" for t in names], [f"{t}.validation" for t in names])
