@@ -67,7 +67,7 @@ def test_old_task_predictions_identical(grown):
     from pipelines.data import read_tasks
 
     base_cfg, base, _, result, _ = grown
-    texts = [r["text"] for r in read_tasks(base_cfg)["sentiment"].splits["test"]]
+    texts = [r["text"] for r in read_tasks(base_cfg)["sentiment"].rows("test")]
     before = Predictor.load(base.model_dir, "cpu").predict(texts, ["sentiment"], top_k=2)
     after = Predictor.load(result.model_dir, "cpu")
     assert after.task_names == ["sentiment", "cities"]
