@@ -13,6 +13,9 @@ from pathlib import Path
 import pytest
 
 HERE = Path(__file__).resolve().parent
+# Opt-in (``pytest --run-extended``; .ci/run runs it after the suite): a second Ray cluster of two
+# raylets and a 2-worker fit cost a minute or more on 2 cores, beyond the suite's 15-minute budget.
+pytestmark = [pytest.mark.slow, pytest.mark.extended]
 
 
 @pytest.fixture(scope="module")
