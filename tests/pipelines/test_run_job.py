@@ -138,7 +138,9 @@ def test_ray_job_submit_runs_the_pipeline_and_registers_champion(tmp_path, tiny_
     assert status == "SUCCEEDED", logs[-4000:]
     assert "[run] register" in logs and "job-test-model@champion" in logs
 
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    # the registry too: an earlier test in the session may have set MLflow's global registry URI
+    db = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(tracking_uri=db, registry_uri=db)
     version = client.get_model_version_by_alias("job-test-model", "champion")
     tags = version.tags
     for task in ("intent", "slots", "sentiment", "topic"):
