@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import fnmatch
 import json
-import os
 import re
 from collections import Counter
 from collections.abc import Iterator
@@ -29,7 +28,8 @@ from typing import Any
 
 import pyarrow as pa
 
-from mtl.config import FILE_SOURCES, DataSpec, TaskSpec, has_glob, is_uri, path_list
+from mtl import storage
+from mtl.config import FILE_SOURCES, DataSpec, TaskSpec, has_glob, path_list
 from mtl.encoding import text_problem
 from mtl.hashsplit import hash_split, row_id
 from mtl.readers import SPLITS, DataError, Row, TaskData, label_list, parse_conll, sort_counts
@@ -72,14 +72,6 @@ def _hidden(path: str) -> bool:
     return name.startswith((".", "_"))
 
 
-def _filesystem(entry: str):
-    from pyarrow import fs
-
-    if is_uri(entry):
-        return fs.FileSystem.from_uri(entry)  # S3 options may ride in the URI's query
-    return fs.LocalFileSystem(), os.path.abspath(entry).replace(os.sep, "/")
-
-
 def resolve_files(value: str | list[str], type_: str, where: str) -> Files:
     """A file, a list, a glob or a folder (local or a URI) -> the files it names, sorted.
     Hidden files (``.x``, ``_SUCCESS``) are skipped in folders and globs; a folder of a table
@@ -88,7 +80,7 @@ def resolve_files(value: str | list[str], type_: str, where: str) -> Files:
 
     filesystem, paths = None, []
     for entry in path_list(value):
-        efs, p = _filesystem(entry)
+        efs, p = storage.filesystem(entry)  # S3 options may ride in the URI's query
         if filesystem is None:
             filesystem = efs
         elif efs.type_name != filesystem.type_name:
