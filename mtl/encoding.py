@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import re
 import unicodedata
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from mtl.tasks import TaskKind
+if TYPE_CHECKING:  # the data workers that only check texts need neither torch nor the kinds
+    from mtl.tasks import TaskKind
 
 _WORD = re.compile(r"\S+")
 # Unicode categories that carry no visible content: controls (NUL, ...), format characters (BOM,

@@ -9,7 +9,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from seqeval.metrics import classification_report, f1_score, precision_score, recall_score
 
 from mtl.tasks.base import IGNORE_INDEX, TaskKind, TokenHead
 
@@ -73,6 +72,10 @@ class TokenClassification(TaskKind):
     def metrics(self, preds, refs):
         if not refs:
             return {"precision": 0.0, "recall": 0.0, "f1": 0.0}
+        # seqeval (and scikit-learn under it) is imported where metrics are computed, not in
+        # every Ray Data worker that only encodes labels
+        from seqeval.metrics import f1_score, precision_score, recall_score
+
         return {
             "precision": float(precision_score(refs, preds, zero_division=0)),
             "recall": float(recall_score(refs, preds, zero_division=0)),
@@ -82,6 +85,8 @@ class TokenClassification(TaskKind):
     def report(self, preds, refs):
         if not refs:
             return {}
+        from seqeval.metrics import classification_report
+
         rep = classification_report(refs, preds, output_dict=True, zero_division=0)
         # the same keys as the other kinds' reports (seqeval says "f1-score")
         return {k: {("f1" if m == "f1-score" else m): (int(v) if m == "support" else float(v)) for m, v in d.items()}
