@@ -10,7 +10,9 @@ hash of the text, ``mtl.hashsplit``, for a source with one ``path``; the file's 
 ``train``/``validation``/``test`` paths) and its ``idx`` (a stable hash id: rows read in parallel
 have no global row number). One more pass counts rows and labels per split (partial counts per
 block, summed in the driver); the task's labels are the train split's unless ``source.labels``
-gives them.
+gives them. The files are read once: the normalised rows are materialised in Ray's object store
+(distributed over the nodes, never in the driver), and the splits, the counts and every epoch read
+them from there.
 
 Plan first, read later: ``plan_source`` resolves the files and checks the columns without Ray, so
 a wrong path or column fails before Ray starts; ``open_source`` builds the datasets.
@@ -411,6 +413,15 @@ def _capped(ds, n: int, cap: int):
     return (ds.sort("idx", boundaries=bounds) if bounds else ds.sort("idx")).limit(cap)
 
 
+def _spread(ds):
+    """``ds`` cut into blocks for every CPU of the cluster (4 per CPU): a few small files, or one
+    big CSV, otherwise come out as one block, and each later pass over it (tokenization, every
+    epoch) would run as one task on one core."""
+    import ray
+
+    return ds.repartition(max(2, 4 * int(ray.cluster_resources().get("CPU", 1))))
+
+
 def open_source(plan: SourcePlan, data: DataSpec, seed: int) -> RayTaskData:
     """The task's datasets (Ray must be up): read, normalise, split, count, label; caps as the
     plain readers cap (``max_examples`` for train, a quarter, at least 50, for the others)."""
@@ -430,6 +441,10 @@ def open_source(plan: SourcePlan, data: DataSpec, seed: int) -> RayTaskData:
             Normalize(task.kind, spec.label_separator, where, seed, fixed, val, test),
             batch_format="pyarrow", batch_size=4096))
     base = pieces[0].union(*pieces[1:]) if len(pieces) > 1 else pieces[0]
+    # read once: the normalised rows (idx, text, label, split) are kept in the object store, in
+    # blocks spread over the cluster's nodes (spilled to their disks when memory is short), so the
+    # counting pass, each split and each epoch read them there instead of re-reading every file
+    base = run_checked(_spread(base).materialize)
     counts = _count(base, task.kind)
     for split in SPLITS:
         if not counts[split].get(None):
