@@ -7,9 +7,9 @@
 The benchmark writes synthetic labelled Parquet (8 files per size) to a temp folder. Each
 measurement runs in its own interpreter, so the driver's peak RSS (``ru_maxrss``) is that path's:
 
-- Ray Data: ``read_tasks`` (list files, one counting pass for split sizes and labels) then
-  ``build_datasets`` and a streamed pass over every tokenized split (``iter_batches``); rows/s over
-  that pass (``ray.init`` excluded), driver peak RSS over the whole child.
+- Ray Data: ``read_tasks`` (list files, read them once into the object store, split, count) then
+  ``build_datasets`` and a streamed pass over every tokenized split (``iter_batches``); rows/s end
+  to end (``ray.init`` excluded), driver peak RSS over the whole child.
 - datasets: ``Dataset.from_parquet`` + ``map(Tokenize, batched=True)`` over the same rows.
 
 Both sides call the same function (``pipelines.data.Tokenize``) with the same batch size.
@@ -68,16 +68,30 @@ def child_ray(folder: Path) -> dict:
     cfg = config(folder)
     t0 = time.perf_counter()
     init_ray(log_to_driver=False)
+    import ray
+
+    consume = ray.remote(num_cpus=0)(_consume)
     t1 = time.perf_counter()
     data = read_tasks(cfg)
     t2 = time.perf_counter()
+    datasets = list(build_datasets(cfg, data).values())
+    n = ray.get(consume.remote(datasets))
+    t3 = time.perf_counter()
+    n_warm = ray.get(consume.remote(datasets))  # the same pass again: workers started, imports done
+    t4 = time.perf_counter()
+    assert n == n_warm
+    return {"rows": n, "init_s": t1 - t0, "read_count_s": t2 - t1, "tokenize_s": t3 - t2, "warm_tokenize_s": t4 - t3,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def _consume(datasets) -> int:
+    """Every tokenized split read as a training worker reads its shard: in a Ray worker process,
+    not the driver (the driver only plans, counts and holds block references)."""
     n = 0
-    for ds in build_datasets(cfg, data).values():
+    for ds in datasets:
         for batch in ds.iter_batches(batch_size=4096, batch_format="numpy"):
             n += len(batch["idx"])
-    t3 = time.perf_counter()
-    return {"rows": n, "init_s": t1 - t0, "read_count_s": t2 - t1, "tokenize_s": t3 - t2,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    return n
 
 
 def child_datasets(folder: Path) -> dict:
@@ -137,12 +151,17 @@ def main(argv: list[str] | None = None) -> dict:
             figures[str(n)] = {
                 "ray_data": {k: round(v, 2) for k, v in ray_r.items()},
                 "datasets_map": {k: round(v, 2) for k, v in hf_r.items()},
-                "ray_rows_per_s": round(ray_r["rows"] / ray_r["tokenize_s"], 1),
+                # end to end on both sides: files -> tokenized rows (Ray: read, split, count, tokenize)
+                "ray_rows_per_s": round(ray_r["rows"] / (ray_r["read_count_s"] + ray_r["tokenize_s"]), 1),
+                "ray_tokenize_only_rows_per_s": round(ray_r["rows"] / ray_r["tokenize_s"], 1),
+                "ray_warm_tokenize_rows_per_s": round(ray_r["rows"] / ray_r["warm_tokenize_s"], 1),
                 "datasets_rows_per_s": round(hf_r["rows"] / hf_r["tokenize_s"], 1),
             }
             f = figures[str(n)]
             f["ray_over_datasets"] = round(f["ray_rows_per_s"] / f["datasets_rows_per_s"], 3)
-            print(f"{n:,} rows: Ray Data {f['ray_rows_per_s']:,.0f} rows/s (driver peak {ray_r['peak_rss_mb']:.0f} MB), "
+            print(f"{n:,} rows: Ray Data {f['ray_rows_per_s']:,.0f} rows/s end to end, "
+                  f"{f['ray_warm_tokenize_rows_per_s']:,.0f} rows/s tokenizing again on started workers "
+                  f"(driver peak {ray_r['peak_rss_mb']:.0f} MB), "
                   f"datasets.map {f['datasets_rows_per_s']:,.0f} rows/s ({hf_r['peak_rss_mb']:.0f} MB): "
                   f"{f['ray_over_datasets']:.2f}x", flush=True)
     small, large = (figures[str(n)] for n in sizes)
@@ -156,8 +175,13 @@ def main(argv: list[str] | None = None) -> dict:
     ]
     return write_result(NAME, "Ingest at scale: Ray Data vs datasets.map; driver memory", args, figures, targets, notes=[
         "Synthetic labelled Parquet, 8 files per size; one sequence task, max_length 64, labels given in the config.",
-        "Ray Data rows/s: build_datasets + a streamed iter_batches pass over every tokenized split, after "
-        "read_tasks (listing and the counting pass, reported as read_count_s); ray.init excluded.",
+        "Ray Data rows/s: end to end, read_tasks (list the files, read them once into the object store, "
+        "split, count) + build_datasets + a streamed iter_batches pass over every tokenized split; "
+        "ray.init excluded. ray_tokenize_only_rows_per_s leaves out read_tasks; ray_warm_tokenize_rows_per_s "
+        "is the same tokenizing pass repeated (an epoch after the first: workers started, imports done).",
+        "The tokenized splits are read in a Ray task (as a training worker reads its shard), so the driver's RSS "
+        "is what a training run's driver holds: plans, counts, block references.",
+        "datasets.map's fast tokenizer runs batches on several threads (Rust); on 2 cores it already uses both.",
         "datasets rows/s: from_parquet + rename + map(Tokenize, batched) to an on-disk cache file.",
         "Each side runs in its own interpreter: peak RSS is that driver's (Ray workers are other processes).",
     ])
