@@ -5,6 +5,8 @@ benchmarks/results/serve_load.json and prints a summary; asserts nothing.
     python benchmarks/serve_load.py --quick                    # tiny model, 600 requests per scenario
     python benchmarks/serve_load.py --model runs/quick/model   # an artifact dir or models:/ URI
     python benchmarks/serve_load.py --requests 2000 --concurrency 32 --int8 --kill
+    python benchmarks/serve_load.py --model runs/quick/model --client wrk --concurrency 64 \
+        --only batched,batched-onnx-int8 --replicas 1   # wrk: apt-get install wrk
 
 Without ``--model`` the tiny untrained test model is built (as tests/conftest.py does), so the numbers
 show the serving overhead rather than a real encoder's cost. Every scenario is its own deployment
@@ -69,7 +71,7 @@ def build_tiny_artifact(dst: Path) -> Path:
     return model.save(dst / "model", AutoTokenizer.from_pretrained(str(encoder)))
 
 
-def in_process(model_dir: str, quantize: bool, n_texts: int, threads: int) -> dict:
+def in_process(model_dir: str, quantize: bool, n_texts: int, threads: int, backend: str = "torch") -> dict:
     """Predictor.predict throughput in this process: batches of 32 texts, and one text at a time,
     with ``threads`` torch threads (a replica gets as many as its num_cpus; on a busy 2-core machine
     two threads were 15x slower than one)."""
@@ -78,10 +80,10 @@ def in_process(model_dir: str, quantize: bool, n_texts: int, threads: int) -> di
     from mtl.predictor import Predictor
 
     torch.set_num_threads(threads)
-    pred = Predictor.load(model_dir, quantize=quantize)
+    pred = Predictor.load(model_dir, quantize=quantize, backend=backend)
     texts = [SAMPLE_TEXTS[i % len(SAMPLE_TEXTS)] for i in range(n_texts)]
     pred.predict(texts[:32])
-    out = {"quantized": quantize, "device": str(pred.device), "texts": n_texts,
+    out = {"backend": backend, "quantized": quantize, "device": str(pred.device), "texts": n_texts,
            "torch_threads": torch.get_num_threads()}
     for batch in (32, 1):
         n = n_texts if batch > 1 else max(32, n_texts // 8)
@@ -168,6 +170,54 @@ async def _load(url: str, n: int, concurrency: int, texts_per_request: int, on_p
             "mean_ms": round(statistics.fmean(lat) * 1000, 1) if lat else None}
 
 
+WRK_SCRIPT = """-- POST /v1/predict with one of the sample bodies in turn (written by benchmarks/serve_load.py)
+local bodies = {%s}
+local i = 0
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+request = function()
+  i = i + 1
+  return wrk.format(nil, "/v1/predict", nil, bodies[(i %% #bodies) + 1])
+end
+"""
+
+
+def _wrk_bodies(texts_per_request: int) -> list[str]:
+    return [json.dumps({"texts": [SAMPLE_TEXTS[(i + j) % len(SAMPLE_TEXTS)] for j in range(texts_per_request)]})
+            for i in range(len(SAMPLE_TEXTS))]
+
+
+def _wrk_load(url: str, duration_s: float, concurrency: int, texts_per_request: int) -> dict:
+    """``wrk`` (C, one thread: it costs the 2 cores far less than a Python client) for
+    ``duration_s`` at ``concurrency`` open connections; rates, latency percentiles and non-2xx."""
+    import re
+    import shutil
+    import subprocess
+
+    if shutil.which("wrk") is None:
+        raise SystemExit("--client wrk: wrk is not installed (Debian/Ubuntu: apt-get install wrk)")
+    lua = WRK_SCRIPT % ", ".join(json.dumps(b) for b in _wrk_bodies(texts_per_request))
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
+        f.write(lua)
+    out = subprocess.run(["wrk", "-t1", f"-c{concurrency}", f"-d{duration_s:g}s", "--timeout", "30s", "--latency",
+                          "-s", f.name, url], capture_output=True, text=True, check=True).stdout
+    os.unlink(f.name)
+
+    def ms(value: str, unit: str) -> float:
+        return round(float(value) * {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 6e4}[unit], 1)
+
+    pcts = {p: ms(v, u) for p, v, u in re.findall(r"^\s+(50|90|99)(?:\.000)?%\s+([\d.]+)(us|ms|s|m)\s*$", out, re.M)}
+    total = int(re.search(r"(\d+) requests in", out).group(1))
+    bad = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    socket_errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    errors = (int(bad.group(1)) if bad else 0) + (sum(map(int, socket_errors.groups())) if socket_errors else 0)
+    wall = float(duration_s)
+    ok = total - (int(bad.group(1)) if bad else 0)
+    return {"requests": total, "ok": ok, "errors": errors, "wall_s": wall,
+            "req_per_s": round(ok / wall, 1), "texts_per_s": round(ok * texts_per_request / wall, 1),
+            "p50_ms": pcts.get("50"), "p90_ms": pcts.get("90"), "p99_ms": pcts.get("99"), "wrk_output": out}
+
+
 def _kill_one_replica(app: str, deployment: str) -> str | None:
     """ray.kill one live replica actor of the deployment (found by its actor name, through the GCS:
     no State API, which needs the dashboard and an unambiguous address)."""
@@ -224,7 +274,10 @@ def run_scenario(name: str, model_dir: str, model_ref: str, port: int, args, **s
                 killed.append(None)
                 threading.Thread(target=lambda: killed.__setitem__(0, _kill_one_replica(APP_NAME, DEPLOYMENT_NAME)),
                                  daemon=True).start()
-    result = asyncio.run(_load(url, args.requests, args.concurrency, args.texts_per_request, on_progress))
+    if args.client == "wrk" and name != "kill":
+        result = _wrk_load(url, args.duration, args.concurrency, args.texts_per_request)
+    else:
+        result = asyncio.run(_load(url, args.requests, args.concurrency, args.texts_per_request, on_progress))
     poller.stop_event.set()
     poller.join()
     stats = replica_stats(APP_NAME)
@@ -243,6 +296,8 @@ ALL_SCENARIOS = [
     ("batched", {}),
     ("unbatched", {"max_batch_size": 1}),
     ("batched-int8", {"quantize": True}),
+    ("batched-onnx", {"backend": "onnx"}),
+    ("batched-onnx-int8", {"backend": "onnx", "quantize": True}),
     ("kill", {"min_replicas": 2, "max_replicas": 2}),  # one of two replicas killed a third into the load
 ]
 
@@ -274,7 +329,14 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--no-unbatched", action="store_true", help="skip the max_batch_size=1 scenario")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads of the in-process reference (default 1: a replica's num_cpus)")
-    p.add_argument("--only", default=None, help="comma-separated scenarios to run (batched,unbatched,batched-int8,kill)")
+    p.add_argument("--only", default=None, help="comma-separated scenarios to run "
+                   "(batched,unbatched,batched-int8,batched-onnx,batched-onnx-int8,kill)")
+    p.add_argument("--client", choices=["httpx", "wrk"], default="httpx",
+                   help="load generator: httpx (async Python, --requests) or wrk (C, --duration; "
+                        "apt-get install wrk); the kill scenario always uses httpx")
+    p.add_argument("--duration", type=float, default=20.0, help="seconds of load per scenario with --client wrk")
+    p.add_argument("--replicas", type=int, default=None,
+                   help="fixed replica count (min = max = initial) instead of autoscaling 1..2")
     p.add_argument("--quick", action="store_true", help="600 requests per scenario, with --kill")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "serve_load.json"))
     args = p.parse_args(argv)
@@ -306,6 +368,9 @@ def main(argv: list[str] | None = None) -> dict:
     baseline = [in_process(model_dir, False, n_texts, args.threads)]
     if "batched-int8" in selected:
         baseline.append(in_process(model_dir, True, n_texts, args.threads))
+    for name, quantize in (("batched-onnx", False), ("batched-onnx-int8", True)):
+        if name in selected:
+            baseline.append(in_process(model_dir, quantize, n_texts, args.threads, backend="onnx"))
 
     from ray import serve
 
@@ -320,6 +385,8 @@ def main(argv: list[str] | None = None) -> dict:
     results = []
     try:
         for name, fields in scenarios:
+            if args.replicas and name != "kill":
+                fields = {**fields, "min_replicas": args.replicas, "max_replicas": args.replicas}
             print(f"scenario {name}: {args.requests} requests, {args.concurrency} concurrent ...", flush=True)
             results.append(run_scenario(name, model_dir, model_ref, port, args, **fields))
             r = results[-1]
@@ -341,8 +408,11 @@ def main(argv: list[str] | None = None) -> dict:
                     "cpu_count": os.cpu_count(), "load_average_1m_at_end": round(os.getloadavg()[0], 1)},
         "versions": _versions(),
         "model": model_ref,
-        "load": {"requests": args.requests, "concurrency": args.concurrency,
-                 "texts_per_request": args.texts_per_request, "transport": "HTTP/1.1 loopback, httpx AsyncClient"},
+        "load": {"requests": args.requests if args.client == "httpx" else None,
+                 "duration_s": args.duration if args.client == "wrk" else None, "concurrency": args.concurrency,
+                 "texts_per_request": args.texts_per_request,
+                 "transport": "HTTP/1.1 loopback, " + ("httpx AsyncClient" if args.client == "httpx"
+                                                       else "wrk 1 thread (Lua body)")},
         "in_process": baseline,
         "scenarios": results,
     }
@@ -350,7 +420,7 @@ def main(argv: list[str] | None = None) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
     print("\nin process: " + "; ".join(
-        f"{'int8' if b['quantized'] else 'fp32'} {b['texts_per_s_batch32']} texts/s (batch 32), "
+        f"{b['backend']} {'int8' if b['quantized'] else 'fp32'} {b['texts_per_s_batch32']} texts/s (batch 32), "
         f"{b['texts_per_s_batch1']} texts/s (one at a time)" for b in baseline))
     print(f"{'scenario':<14}{'req/s':>8}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}{'replicas':>10}{'mean batch':>12}")
     for r in results:
