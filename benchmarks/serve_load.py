@@ -334,6 +334,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--client", choices=["httpx", "wrk"], default="httpx",
                    help="load generator: httpx (async Python, --requests) or wrk (C, --duration; "
                         "apt-get install wrk); the kill scenario always uses httpx")
+    p.add_argument("--ingress", choices=["haproxy", "proxy"], default="haproxy",
+                   help="serve.ingress: HAProxy in front of replicas that serve HTTP (the default), or Serve's Python proxy")
     p.add_argument("--duration", type=float, default=20.0, help="seconds of load per scenario with --client wrk")
     p.add_argument("--replicas", type=int, default=None,
                    help="fixed replica count (min = max = initial) instead of autoscaling 1..2")
@@ -376,8 +378,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     from mtl.config import ServeSpec
     from pipelines.ray_utils import init_ray
-    from serve.app import http_options
+    from serve.app import http_options, ingress_env
 
+    os.environ.update(ingress_env(ServeSpec(ingress=args.ingress)))  # before Ray starts
     init_ray(log_to_driver=False)
     port = _free_port()
     serve.start(http_options=http_options(ServeSpec(host="127.0.0.1", port=port)))
@@ -410,7 +413,7 @@ def main(argv: list[str] | None = None) -> dict:
         "model": model_ref,
         "load": {"requests": args.requests if args.client == "httpx" else None,
                  "duration_s": args.duration if args.client == "wrk" else None, "concurrency": args.concurrency,
-                 "texts_per_request": args.texts_per_request,
+                 "texts_per_request": args.texts_per_request, "ingress": args.ingress,
                  "transport": "HTTP/1.1 loopback, " + ("httpx AsyncClient" if args.client == "httpx"
                                                        else "wrk 1 thread (Lua body)")},
         "in_process": baseline,

@@ -261,6 +261,11 @@ class ServeSpec(_Strict):
     # seconds between checks of a models:/<name>@<alias> model's alias; when it moves, each replica
     # loads the new version beside the old and switches between two batches (no request fails)
     follow_alias_s: float | None = Field(10.0, gt=0)
+    # haproxy: Ray Serve's HAProxy ingress in its throughput-optimized mode (HAProxy, in C, hands
+    # HTTP straight to the replicas; no Python proxy in the path); proxy: Ray Serve's Python HTTP
+    # proxy. Read when Ray's processes start: `mtl-ray serve` sets it for the Ray it starts, a
+    # cluster needs serve.app.ingress_env() in every node's environment (the k8s manifests set it)
+    ingress: Literal["haproxy", "proxy"] = "haproxy"
 
 
 class MlflowSpec(_Strict):

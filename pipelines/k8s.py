@@ -249,9 +249,13 @@ def serve_config(cfg: RunConfig, tracking_uri: str, model: str | None = None) ->
 def ray_service(cfg: RunConfig, target: ClusterTarget) -> dict[str, Any]:
     """The RayService: the Serve config above on a cluster that autoscales one pod per replica
     between ``serve.min_replicas`` and ``serve.max_replicas``; the token from a Secret."""
+    from serve.app import HAPROXY_ENV
+
     spec = cfg.serve
     token = [{"name": spec.token_env,
               "valueFrom": {"secretKeyRef": {"name": target.token_secret, "key": TOKEN_KEY}}}]
+    if spec.ingress == "haproxy":  # read by Ray's processes as they start: every pod's environment
+        token += [{"name": k, "value": v} for k, v in HAPROXY_ENV.items()]
     worker = _resources(spec.num_cpus, SERVE_MEMORY, math.ceil(spec.num_gpus))
     initial = max(1, spec.min_replicas)
     cluster = _cluster(target, "serve", worker, initial, spec.min_replicas, spec.max_replicas,

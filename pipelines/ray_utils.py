@@ -21,9 +21,15 @@ def set_ray_env() -> None:
         os.environ.setdefault(key, value)
 
 
+# Ray Serve's ingress mode (serve.app.ingress_env): passed on to Ray's processes when set here
+SERVE_ENV = ("RAY_SERVE_ENABLE_HA_PROXY", "RAY_SERVE_THROUGHPUT_OPTIMIZED", "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP")
+
+
 def runtime_env() -> dict:
     """Environment variables every Ray worker, trial and replica gets."""
-    return {"env_vars": {k: os.environ.get(k, v) for k, v in RAY_ENV.items()}}
+    env = {k: os.environ.get(k, v) for k, v in RAY_ENV.items()}
+    env.update({k: os.environ[k] for k in SERVE_ENV if k in os.environ})
+    return {"env_vars": env}
 
 
 class ResourceError(RuntimeError):

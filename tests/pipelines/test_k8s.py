@@ -151,6 +151,21 @@ def test_bearer_token_comes_from_a_secret_not_the_manifest(tmp_path):
     assert app["args"]["serve"]["token_env"] == "API_TOKEN"
 
 
+@pytest.mark.parametrize("ingress, expected", [
+    ("haproxy", {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+                 "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "1"}),
+    ("proxy", {}),
+])
+def test_serve_ingress_mode_is_in_every_pods_environment(tmp_path, ingress, expected):
+    """Ray's processes read the ingress mode as they start, so it must be in the pods' environment
+    (a runtime_env would come too late for the proxy and controller)."""
+    service = of_kind(manifests(tmp_path, f"serve.ingress={ingress}")[1], "RayService")
+    for c in containers(service["spec"]["rayClusterConfig"]):
+        got = {e["name"]: e["value"] for e in c["env"] if e["name"].startswith("RAY_SERVE_")}
+        assert got == expected
+    assert serve_config_of(service)["applications"][0]["args"]["serve"]["ingress"] == ingress
+
+
 @pytest.mark.parametrize("flags, named", [
     (["--tracking-uri", TRACKING], "--storage"),  # the config's output_dir: runs
     (["--storage", "/mnt/results", "--tracking-uri", TRACKING], "--storage"),
