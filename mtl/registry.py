@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
 from pathlib import Path
 
@@ -42,11 +44,38 @@ def local_artifact(model: str, tracking_uri: str | None = None, dst: str | None 
         return find_manifest_dir(path)
     import mlflow
 
-    if tracking_uri:
-        mlflow.set_tracking_uri(tracking_uri)
-        mlflow.set_registry_uri(tracking_uri)
-    local = mlflow.artifacts.download_artifacts(artifact_uri=model, dst_path=dst)
+    with _mlflow_uris(tracking_uri):
+        local = mlflow.artifacts.download_artifacts(artifact_uri=model, dst_path=dst)
     return find_manifest_dir(Path(local))
+
+
+@contextlib.contextmanager
+def _mlflow_uris(uri: str | None):
+    """MLflow's tracking and registry URIs set to ``uri`` for the block, then put back as they were
+    (the variables and their ``MLFLOW_*_URI`` copies in the environment). MLflow 3 resolves a ``models:/`` URI against its
+    process-wide registry URI only (``download_artifacts(registry_uri=...)`` does not reach that
+    lookup); setting it for good, as this module used to, re-pointed every later lookup in the
+    process: a test's registry check read another test's database."""
+    if not uri:
+        yield
+        return
+    import mlflow
+    from mlflow.tracking._model_registry import utils as registry_utils
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    names = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")  # MLflow mirrors both into the environment
+    saved = tracking_utils._tracking_uri, registry_utils._registry_uri, {k: os.environ.get(k) for k in names}
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        yield
+    finally:
+        tracking_utils._tracking_uri, registry_utils._registry_uri = saved[:2]
+        for key, value in saved[2].items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def alias_of(model: str) -> tuple[str, str] | None:

@@ -127,3 +127,24 @@ def test_not_an_artifact(tmp_path, saved):
     (tmp_path / "manifest.json").write_text(json.dumps({**manifest, "format": "mtl-ray/0"}))
     with pytest.raises(ValueError, match="format 'mtl-ray/0', this version reads 'mtl-ray/1'"):
         read_manifest(tmp_path)
+
+
+def test_fetching_a_registered_model_leaves_mlflows_global_uris_alone(saved, tmp_path):
+    """``local_artifact(models:/..., tracking_uri)`` reads that registry for this call only: it used
+    to set MLflow's process-wide tracking and registry URIs, so a later lookup that relied on the
+    defaults (another test's, or a user's) read the wrong database."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from mtl.registry import local_artifact
+
+    uri = f"sqlite:///{tmp_path}/registry.db"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    client.create_registered_model("tiny-fetch")
+    path = saved[2]
+    client.create_model_version("tiny-fetch", source=str(path))
+    client.set_registered_model_alias("tiny-fetch", "champion", "1")
+    before = (mlflow.get_tracking_uri(), mlflow.get_registry_uri())
+    got = local_artifact("models:/tiny-fetch@champion", uri, dst=str(tmp_path / "fetched"))
+    assert read_manifest(got) == read_manifest(path)
+    assert (mlflow.get_tracking_uri(), mlflow.get_registry_uri()) == before
