@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +26,8 @@ def is_remote(path: str | os.PathLike) -> bool:
 
 
 def join(base: str, *parts: str) -> str:
-    """``base/part/...``, keeping a URI's ``?query`` at the end."""
-    root, sep, query = str(base).partition("?")
+    """``base/part/...``, keeping a URI's ``?query`` at the end (a local path's ``?`` is a character)."""
+    root, sep, query = str(base).partition("?") if is_remote(base) else (str(base), "", "")
     joined = "/".join([root.rstrip("/"), *(p.strip("/") for p in parts)])
     return joined + (sep + query if sep else "")
 
@@ -42,7 +43,8 @@ def filesystem(uri: str) -> tuple[Any, str]:
 
 def name(uri: str) -> str:
     """The last part of a path or URI (``train-...`` of a run folder)."""
-    return str(uri).partition("?")[0].rstrip("/").rsplit("/", 1)[-1]
+    path = str(uri).partition("?")[0] if is_remote(uri) else str(uri)
+    return path.rstrip("/").rsplit("/", 1)[-1]
 
 
 def list_dirs(uri: str, prefix: str = "") -> list[str]:
@@ -68,6 +70,45 @@ def read_text(uri: str) -> str:
         return f.read().decode()
 
 
+def write_text(uri: str, text: str) -> None:
+    """Write (or replace) one file; its folder is created as needed."""
+    fs, path = filesystem(uri)
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    with fs.open_output_stream(path) as f:
+        f.write(text.encode())
+
+
+def list_files(uri: str) -> list[str]:
+    """Names of the files directly under ``uri``, sorted (none when ``uri`` does not exist)."""
+    from pyarrow import fs as pafs
+
+    fs, path = filesystem(uri)
+    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    return sorted(i.base_name for i in infos if i.type == pafs.FileType.File)
+
+
+def ray_storage(uri: str) -> tuple[str, Any]:
+    """(``storage_path``, ``storage_filesystem``) for a Ray Train or Tune ``RunConfig``: a local path
+    as it is (Ray's default filesystem), a URI as its path on its pyarrow filesystem."""
+    if not is_remote(uri):
+        return str(uri), None
+    fs, path = filesystem(uri)
+    return path, fs
+
+
+def uri_of(base: str, path: str) -> str:
+    """The URI of ``path`` (a path on ``base``'s filesystem, as Ray reports checkpoints) under the
+    URI ``base``, with ``base``'s query: the inverse of ``filesystem`` below ``base``."""
+    if not is_remote(base):
+        return path
+    root = filesystem(base)[1].rstrip("/")
+    if path.rstrip("/") == root:
+        return base
+    if not path.startswith(root + "/"):
+        raise ValueError(f"{path!r} is not under {name(base)!r} ({root})")
+    return join(base, path[len(root) + 1:])
+
+
 def upload(local_dir: str | os.PathLike, uri: str) -> None:
     """Copy a local folder's files to ``uri`` (created as needed; existing files replaced)."""
     from pyarrow import fs as pafs
@@ -87,6 +128,47 @@ def download(uri: str, local_dir: str | os.PathLike) -> Path:
     local.mkdir(parents=True, exist_ok=True)
     pafs.copy_files(path, str(local.resolve()), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
     return local
+
+
+@dataclass
+class RunFolder:
+    """A run's output folder (``output_dir/name/train-<time>``, ``.../sweep-<time>``). With a local
+    ``output_dir`` it is ``local``. With a URI (``s3://bucket/runs``) it is ``remote``: Ray writes
+    checkpoints and Tune state there from the workers, and the driver writes its files (model,
+    reports, summary) to the local staging folder ``local`` and uploads them (``sync``)."""
+
+    local: Path
+    remote: str | None = None
+
+    @classmethod
+    def staged(cls, remote: str, group: str) -> RunFolder:
+        """The folder at the URI ``remote``, staged in ``<temp dir>/mtl-ray-runs/<group>/<its name>``."""
+        return cls(Path(tempfile.gettempdir()) / "mtl-ray-runs" / group / name(remote), remote)
+
+    @property
+    def name(self) -> str:
+        return self.local.name
+
+    @property
+    def where(self) -> str:
+        """What to show and record: the remote URI, else the local folder."""
+        return self.remote or str(self.local)
+
+    def storage(self) -> tuple[str, Any]:
+        """(``storage_path``, ``storage_filesystem``) for Ray's RunConfig (``ray_storage``)."""
+        return ray_storage(self.where)
+
+    def sync(self) -> None:
+        if self.remote is not None:
+            upload(self.local, self.remote)
+
+    def fetch(self, filename: str) -> bool:
+        """Copy ``filename`` from the remote folder into the staging folder, when it is there."""
+        if self.remote is None or not exists(join(self.remote, filename)):
+            return False
+        self.local.mkdir(parents=True, exist_ok=True)
+        (self.local / filename).write_text(read_text(join(self.remote, filename)))
+        return True
 
 
 def local_copy(uri: str, cache: str | os.PathLike | None = None) -> Path:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -24,6 +23,7 @@ import torch
 from mtl import storage
 from mtl.config import RunConfig
 from mtl.readers import SPLITS, TaskData
+from mtl.storage import RunFolder
 
 MODEL_DIR = "model"  # the artifact inside every checkpoint
 
@@ -85,37 +85,6 @@ class RunResult:
         return out
 
 
-@dataclass
-class RunFolder:
-    """A run's folder: ``output_dir/name/train-<time>``. With a local ``output_dir`` it is ``local``.
-    With a URI (``s3://bucket/runs``) it is ``remote``: Ray Train writes checkpoints there from the
-    workers, and the driver writes its files (model, reports, summary) to the local staging folder
-    ``local`` and uploads them (``sync``)."""
-
-    local: Path
-    remote: str | None = None
-
-    @property
-    def name(self) -> str:
-        return self.local.name
-
-    @property
-    def where(self) -> str:
-        """What to show and record: the remote URI, else the local folder."""
-        return self.remote or str(self.local)
-
-    def storage(self) -> tuple[str, Any]:
-        """(``storage_path``, ``storage_filesystem``) for Ray Train's RunConfig."""
-        if self.remote is None:
-            return str(self.local), None
-        fs, path = storage.filesystem(self.remote)
-        return path, fs
-
-    def sync(self) -> None:
-        if self.remote is not None:
-            storage.upload(self.local, self.remote)
-
-
 def run_dir(cfg: RunConfig, resume: bool) -> RunFolder:
     """``output_dir/name/train-<time>``; with ``resume``, the latest such folder (local, or in object
     storage: then its driver files are fetched into the staging folder)."""
@@ -134,10 +103,9 @@ def run_dir(cfg: RunConfig, resume: bool) -> RunFolder:
         if not runs:
             raise FileNotFoundError(f"--resume: no earlier run under {root}")
         stamp = runs[-1]
-    folder = RunFolder(Path(tempfile.gettempdir()) / "mtl-ray-runs" / cfg.name / stamp, storage.join(root, stamp))
-    if resume and storage.exists(storage.join(folder.remote, RUN_ID_FILE)):
-        folder.local.mkdir(parents=True, exist_ok=True)
-        (folder.local / RUN_ID_FILE).write_text(storage.read_text(storage.join(folder.remote, RUN_ID_FILE)))
+    folder = RunFolder.staged(storage.join(root, stamp), cfg.name)
+    if resume:
+        folder.fetch(RUN_ID_FILE)
     return folder
 
 

@@ -7,7 +7,9 @@
 ``TrialTrainer`` (``pipelines.train``'s TorchTrainer on the tasks' data). After the sweep, the best
 trial's best checkpoint is copied to ``<sweep dir>/model``, evaluated on the test sets and logged on
 the sweep's MLflow parent run (test reports, model card, the pyfunc model, summary), then registered
-with the alias ``champion``.
+with the alias ``champion``. With an object-storage ``output_dir`` the checkpoint is read from the
+bucket and the model, reports and ``summary.json`` are staged locally and uploaded into the sweep
+folder there (``RunFolder``, as a training run's).
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ class TrialTrainer:
 
         loop_config = make_loop_config(trial.cfg, self.data, trial.mlflow_run_id, **trial.params)
         return build_trainer(trial.cfg, loop_config, train_datasets(trial.cfg, self.data), run_name=trial.run_name,
-                             storage_path=trial.storage_path, callbacks=trial.callbacks)
+                             storage_path=trial.storage_path, callbacks=trial.callbacks,
+                             storage_filesystem=trial.storage_filesystem)
 
 
 def run_tune(cfg: RunConfig, resume: bool = False, data: dict[str, Any] | None = None,
@@ -42,14 +45,10 @@ def run_tune(cfg: RunConfig, resume: bool = False, data: dict[str, Any] | None =
     """Data -> sweep -> best checkpoint -> test sets -> MLflow parent run -> registered ``champion``.
     Returns a ``RunResult`` with mode "sweep" (``.sweep`` holds the best trial, the trial table and
     the counts). ``callbacks`` are extra Tune callbacks."""
-    from mtl import storage
     from pipelines.data import read_tasks
     from pipelines.ray_utils import check_resources, init_ray, required_cpus
     from tune.sweep import TRIAL_CPUS, concurrency
 
-    if storage.is_remote(cfg.output_dir):
-        raise ValueError(f"output_dir {cfg.output_dir.partition('?')[0]!r}: sweeps (tune:) keep their trials in a "
-                         "local or shared-filesystem output_dir for now; object storage works for `mtl-ray train`")
     t0 = time.time()
     data = data or read_tasks(cfg)  # fails before Ray on bad data
     init_ray(min_cpus=required_cpus(cfg, per_trial=TRIAL_CPUS))
@@ -75,16 +74,19 @@ def publish_sweep(cfg: RunConfig, result: SweepResult, data: dict[str, Any], t0:
                   ) -> RunResult:
     """The winner of ``result`` through the publishing stage training uses (``publish_model``, then
     ``record``): ``<sweep dir>/model``, test metrics and, with MLflow, the parent run's test reports,
-    model card, logged model, registered version and summary."""
+    model card, logged model, registered version and summary. In object storage the checkpoint is
+    read from the bucket, and the model, reports and summary.json are uploaded into the sweep folder."""
     from ray.train import Checkpoint
 
+    from mtl import storage
     from pipelines import tracking
 
-    parent, best = result.parent_run_id, result.best
+    parent, best, folder = result.parent_run_id, result.best, result.folder
+    path, fs = storage.ray_storage(result.best_checkpoint)
     try:
-        published = publish_model(cfg, Checkpoint(result.best_checkpoint), data, result.sweep_dir / MODEL_DIR,
+        published = publish_model(cfg, Checkpoint(path, filesystem=fs), data, folder.local / MODEL_DIR,
                                   parent, _card_extra(cfg, result), register=bool(parent),
-                                  description=f"Best of sweep {result.sweep_dir.name}: trial {best['trial_id']}, "
+                                  description=f"Best of sweep {folder.name}: trial {best['trial_id']}, "
                                               f"validation objective {best['objective']:.4f}")
         if published.registered_version:
             _tag_version(cfg, result, published.registered_version)
@@ -97,14 +99,17 @@ def publish_sweep(cfg: RunConfig, result: SweepResult, data: dict[str, Any], t0:
                          trials_stopped_early=result.stopped_early, errors=result.errors, max_t=result.max_t,
                          max_concurrent_trials=result.max_concurrent_trials, equal_weights=result.equal_weights,
                          table=result.shown_table())
-    return record(RunResult(
-        mode="sweep", run_dir=str(result.sweep_dir), model_dir=str(published.model_dir), mlflow_run_id=parent,
+    model_dir = storage.join(folder.remote, MODEL_DIR) if folder.remote else str(published.model_dir)
+    run = record(RunResult(
+        mode="sweep", run_dir=folder.where, model_dir=model_dir, mlflow_run_id=parent,
         best_step=best["best_step"], best_objective=best["objective"], steps=None,
         stopped_early=bool(winner.get("patience_stop", False)), samples_per_s=result.best_metrics.get("samples_per_s"),
         wall_s=round(time.time() - t0, 1) if t0 is not None else result.wall_s, fit_s=result.wall_s,
         test_metrics=published.test_metrics, model_uri=published.model_uri,
         registered_version=published.registered_version, calibration=published.calibration, sweep=sweep,
-    ))
+    ), folder.local)
+    folder.sync()  # model, reports, summary next to the trials
+    return run
 
 
 def _tag_version(cfg: RunConfig, result: SweepResult, version: str) -> None:

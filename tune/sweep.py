@@ -20,7 +20,10 @@ the plot and the best parameters, and is closed (FINISHED) before ``run_sweep`` 
 
 Outputs go under ``output_dir/name/sweep-<time>/``: ``trials/`` (Tune's experiment, restorable),
 ``train/`` (each trial's Ray Train run and checkpoints), ``starts/`` (one marker per trial start),
-``sweep_table.csv``, ``sweep.png``.
+``sweep_table.csv``, ``sweep.png``. ``output_dir`` may be object storage (``s3://bucket/runs?...``,
+``mtl.storage``): Tune and the trials' Ray Train runs then write there through its pyarrow
+filesystem, the trials write their start markers there, and the driver stages its own files
+(table, plot, MLflow run id) in a local folder that it uploads; ``--resume`` lists the bucket.
 """
 
 from __future__ import annotations
@@ -32,7 +35,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mtl import storage
 from mtl.config import RunConfig, TuneSpec, check_config
+from mtl.storage import RunFolder
 from tune.space import (
     OPTIONAL,
     derive_max_concurrent,
@@ -63,8 +68,9 @@ class TrialSpec:
     params: dict[str, Any]  # lr, task_weights (when searched) and the optional knobs this trial samples
     mlflow_run_id: str | None  # the trial's MLflow child run, for the trainer's curves; None without MLflow
     run_name: str  # the Ray Train run's name, unique per trial attempt
-    storage_path: str  # where Ray Train keeps this trial's runs and checkpoints
+    storage_path: str  # where Ray Train keeps this trial's runs and checkpoints (a path on storage_filesystem)
     callbacks: list = field(default_factory=list)  # Ray Train callbacks the trainer must carry
+    storage_filesystem: Any = None  # the pyarrow filesystem of storage_path (None: local)
 
 
 # Builds the trial's Ray Train trainer (anything with ``fit()``, e.g. a TorchTrainer); it is sent to
@@ -76,9 +82,9 @@ TrainerFactory = Callable[[TrialSpec], Any]
 class SweepResult:
     """The sweep's outcome: the best trial and where its best checkpoint lies, and the trial table."""
 
-    sweep_dir: Path
+    sweep_dir: Path  # the sweep's local folder (with an object-storage output_dir, its staging copy)
     best: dict[str, Any]  # trial_id, lr, task_weights, optional knobs, objective, best_step, iterations
-    best_checkpoint: str  # the best trial's best Ray Train checkpoint (a directory, local or remote)
+    best_checkpoint: str  # the best trial's best Ray Train checkpoint (a local directory or a URI)
     best_metrics: dict[str, Any]  # the validation metrics reported with that checkpoint
     table: Any  # pandas DataFrame, one row per trial (params, objective, iterations, val/ metrics, ...)
     parent_run_id: str | None  # the MLflow parent run (closed), or None without MLflow
@@ -86,6 +92,11 @@ class SweepResult:
     max_concurrent_trials: int
     equal_weights: dict[str, Any] | None = None  # with tune.compare_equal: the λ = 1 trial's objective
     wall_s: float = 0.0
+    remote: str | None = None  # the sweep folder's URI when output_dir is object storage
+
+    @property
+    def folder(self) -> RunFolder:
+        return RunFolder(self.sweep_dir, self.remote)
 
     @property
     def trials(self) -> int:
@@ -109,6 +120,12 @@ class SweepResult:
 
 def _mark_start(sweep_dir: str, trial_id: str) -> int:
     """Write ``starts/<trial id>/<n>`` for this start of the trial; returns n (1 for the first)."""
+    if storage.is_remote(sweep_dir):
+        # no exclusive create in object storage; a trial's attempts never overlap, so the next free n will do
+        d = storage.join(sweep_dir, "starts", trial_id)
+        n = 1 + max((int(f) for f in storage.list_files(d) if f.isdigit()), default=0)
+        storage.write_text(storage.join(d, str(n)), f"{time.time():.3f} pid {os.getpid()}\n")
+        return n
     d = Path(sweep_dir) / "starts" / trial_id
     d.mkdir(parents=True, exist_ok=True)
     n = 1
@@ -169,11 +186,12 @@ def sweep_trial(config: dict[str, Any], *, trainer_factory: TrainerFactory, cfg_
     params = trial_params(config, cfg.task_names)
     run_id = None
     if parent_run_id:
-        run_id = _child_run(cfg, parent_run_id, trial_id, f"{Path(sweep_dir).name}/{ctx.get_trial_name()}",
+        run_id = _child_run(cfg, parent_run_id, trial_id, f"{storage.name(sweep_dir)}/{ctx.get_trial_name()}",
                             params, attempt, stage)
+    storage_path, storage_fs = storage.ray_storage(storage.join(sweep_dir, "train"))
     trainer = trainer_factory(TrialSpec(cfg=cfg, params=params, mlflow_run_id=run_id,
-                                        run_name=f"{trial_id}-{attempt}", storage_path=str(Path(sweep_dir) / "train"),
-                                        callbacks=[TuneReportCallback()]))
+                                        run_name=f"{trial_id}-{attempt}", storage_path=storage_path,
+                                        callbacks=[TuneReportCallback()], storage_filesystem=storage_fs))
     try:
         trainer.fit()
     except BaseException:
@@ -290,19 +308,40 @@ def _run_closer(uri: str | None, parent_run_id: str | None, max_steps: int, reap
     return RunCloser()
 
 
-def _sweep_dir(cfg: RunConfig, resume: bool) -> Path:
-    root = Path(cfg.output_dir).resolve() / cfg.name
+RUN_ID_FILE = "mlflow_run_id"  # the parent run's id, in the sweep folder
+
+
+def sweep_folder(cfg: RunConfig, resume: bool) -> RunFolder:
+    """A new ``output_dir/name/sweep-<time>``; with ``resume``, the latest one holding Tune's
+    experiment. In object storage the bucket is listed, and the parent run's id fetched into the
+    (empty, on a new cluster) staging folder."""
+    if not storage.is_remote(cfg.output_dir):
+        root = Path(cfg.output_dir).resolve() / cfg.name
+        if resume:
+            runs = sorted(p for p in root.glob("sweep-*") if (p / EXPERIMENT).is_dir())
+            if not runs:
+                raise FileNotFoundError(f"--resume: no earlier sweep under {root}")
+            return RunFolder(runs[-1])
+        base = root / time.strftime("sweep-%Y%m%d-%H%M%S")
+        path, i = base, 1
+        while path.exists():
+            i += 1
+            path = base.with_name(f"{base.name}-{i}")
+        return RunFolder(path)
+    root = storage.join(cfg.output_dir, cfg.name)
     if resume:
-        runs = sorted(p for p in root.glob("sweep-*") if (p / EXPERIMENT).is_dir())
+        runs = [d for d in storage.list_dirs(root, "sweep-") if storage.exists(storage.join(root, d, EXPERIMENT))]
         if not runs:
             raise FileNotFoundError(f"--resume: no earlier sweep under {root}")
-        return runs[-1]
-    base = root / time.strftime("sweep-%Y%m%d-%H%M%S")
-    path, i = base, 1
-    while path.exists():
+        folder = RunFolder.staged(storage.join(root, runs[-1]), cfg.name)
+        folder.fetch(RUN_ID_FILE)
+        return folder
+    base = time.strftime("sweep-%Y%m%d-%H%M%S")
+    stamp, i = base, 1
+    while storage.exists(storage.join(root, stamp)):
         i += 1
-        path = base.with_name(f"{base.name}-{i}")
-    return path
+        stamp = f"{base}-{i}"
+    return RunFolder.staged(storage.join(root, stamp), cfg.name)
 
 
 def trial_config(cfg: RunConfig) -> RunConfig:
@@ -313,7 +352,8 @@ def trial_config(cfg: RunConfig) -> RunConfig:
     out = cfg.model_copy(deep=True)
     out.mlflow.tracking_uri = absolute_tracking_uri(cfg.mlflow.tracking_uri)
     out.model.encoder = str(Path(resolve_encoder(cfg.model.encoder)).resolve())
-    out.output_dir = str(Path(cfg.output_dir).resolve())
+    if not storage.is_remote(cfg.output_dir):
+        out.output_dir = str(Path(cfg.output_dir).resolve())
     return out
 
 
@@ -338,28 +378,30 @@ def concurrency(cfg: RunConfig) -> int:
                                  TRIAL_CPUS, res.get("GPU", 0), _use_gpu(cfg), reserve_cpus=cfg.data.cpus)
 
 
-def _trainable(trial_cfg: RunConfig, trainer_factory: TrainerFactory, parent_run_id, sweep_dir: Path, stage: str):
+def _trainable(trial_cfg: RunConfig, trainer_factory: TrainerFactory, parent_run_id, folder: RunFolder, stage: str):
     from ray import tune as ray_tune
 
-    # with_parameters puts the factory (and the data it holds) in the object store once
+    # with_parameters puts the factory (and the data it holds) in the object store once; trials get
+    # the sweep folder where every node reaches it (the URI in object storage, never the staging copy)
     fn = ray_tune.with_parameters(sweep_trial, trainer_factory=trainer_factory, cfg_dict=trial_cfg.to_dict(),
-                                  parent_run_id=parent_run_id, sweep_dir=str(sweep_dir), stage=stage)
+                                  parent_run_id=parent_run_id, sweep_dir=folder.where, stage=stage)
     return ray_tune.with_resources(fn, {"cpu": TRIAL_CPUS})
 
 
-def _tuner(cfg: RunConfig, trainable, sweep_dir: Path, callbacks: list, resume: bool,
+def _tuner(cfg: RunConfig, trainable, folder: RunFolder, callbacks: list, resume: bool,
            name: str = EXPERIMENT, param_space: dict | None = None, num_samples: int | None = None,
            asha: bool = True, max_concurrent: int = 1):
-    """A new Tuner, or the one saved under ``sweep_dir/name`` when resuming."""
+    """A new Tuner, or the one saved under ``<sweep folder>/name`` when resuming."""
     from ray import tune as ray_tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    path = sweep_dir / name
-    if resume and ray_tune.Tuner.can_restore(str(path)):
-        print(f"[tune] restoring {path}", flush=True)
-        return ray_tune.Tuner.restore(str(path), trainable=trainable, resume_unfinished=True,
-                                      restart_errored=True)
+    storage_path, fs = folder.storage()
+    path = _experiment(folder, name)[0]
+    if resume and ray_tune.Tuner.can_restore(path, storage_filesystem=fs):
+        print(f"[tune] restoring {storage.join(folder.where, name)}", flush=True)
+        return ray_tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True,
+                                      restart_errored=True, storage_filesystem=fs)
     spec = cfg.tune or TuneSpec()
     if spec.search == "optuna" and asha:
         from ray.tune.search.optuna import OptunaSearch
@@ -377,26 +419,33 @@ def _tuner(cfg: RunConfig, trainable, sweep_dir: Path, callbacks: list, resume: 
                                         num_samples=num_samples or spec.num_samples,
                                         max_concurrent_trials=limit),
         # a copy: Tune appends its own loggers (with open files) to the list it is given
-        run_config=ray_tune.RunConfig(name=name, storage_path=str(sweep_dir), callbacks=list(callbacks),
+        run_config=ray_tune.RunConfig(name=name, storage_path=storage_path, storage_filesystem=fs,
+                                      callbacks=list(callbacks),
                                       failure_config=ray_tune.FailureConfig(max_failures=0), verbose=1),
     )
 
 
-def unfinished_trials(experiment_path: str | Path) -> list[str]:
+def _experiment(folder: RunFolder, name: str = EXPERIMENT) -> tuple[str, Any]:
+    """(path, pyarrow filesystem or None) of Tune's experiment ``name`` in the sweep folder."""
+    return storage.ray_storage(storage.join(folder.where, name))
+
+
+def unfinished_trials(experiment_path: str | Path, storage_filesystem: Any = None) -> list[str]:
     """Trials the saved experiment state holds as not finished (what ``Tuner.restore`` resumes).
 
     After Ctrl-C, Tune writes its state and then stops the running trials, so in memory they read
     TERMINATED like finished ones; the saved state is the record that tells them apart."""
     from ray.tune import ExperimentAnalysis
 
-    return [t.trial_id for t in ExperimentAnalysis(str(experiment_path)).trials
-            if t.status not in ("TERMINATED", "ERROR")]
+    analysis = ExperimentAnalysis(str(experiment_path), storage_filesystem=storage_filesystem)
+    return [t.trial_id for t in analysis.trials if t.status not in ("TERMINATED", "ERROR")]
 
 
-def _fit(tuner, experiment_path: Path, uri: str | None, parent_run_id: str | None):
-    """``tuner.fit()``; raises ``SweepInterrupted`` when trials were left unfinished (Ctrl-C)."""
+def _fit(tuner, experiment: tuple[str, Any], uri: str | None, parent_run_id: str | None):
+    """``tuner.fit()``; raises ``SweepInterrupted`` when trials were left unfinished (Ctrl-C).
+    ``experiment`` is (path, filesystem) of the experiment's saved state (``_experiment``)."""
     grid = tuner.fit()
-    left = unfinished_trials(experiment_path)
+    left = unfinished_trials(*experiment)
     if left:
         try:
             reap_orphan_placement_groups()
@@ -491,12 +540,13 @@ def _plot(table, tasks: list[str], path: Path) -> Path:
     return path
 
 
-def _open_parent(cfg: RunConfig, sweep_dir: Path, resume: bool, extra_params: dict[str, Any]) -> str | None:
+def _open_parent(cfg: RunConfig, folder: RunFolder, resume: bool, extra_params: dict[str, Any]) -> str | None:
+    """The sweep's MLflow parent run: the one recorded in the sweep folder when resuming, else a new one."""
     from mtl import tracking
 
     if not cfg.mlflow.enabled:
         return None
-    id_file = sweep_dir / "mlflow_run_id"
+    id_file = folder.local / RUN_ID_FILE
     if resume and id_file.exists():
         from mlflow.tracking import MlflowClient
 
@@ -504,9 +554,10 @@ def _open_parent(cfg: RunConfig, sweep_dir: Path, resume: bool, extra_params: di
         tracking.setup(cfg)
         MlflowClient().update_run(run_id, status="RUNNING")
         return run_id
-    run_id = tracking.start_run(cfg, f"{cfg.name}/{sweep_dir.name}", tags={TAG_STAGE: STAGE_SWEEP},
+    run_id = tracking.start_run(cfg, f"{cfg.name}/{folder.name}", tags={TAG_STAGE: STAGE_SWEEP},
                                 extra_params=extra_params)
     id_file.write_text(run_id)
+    folder.sync()
     return run_id
 
 
@@ -548,19 +599,20 @@ def run_sweep(cfg: RunConfig, trainer_factory: TrainerFactory, resume: bool = Fa
     if cfg.tune is None:
         cfg = cfg.model_copy(update={"tune": TuneSpec()})
     check_config(cfg)
-    sweep_dir = _sweep_dir(cfg, resume)
+    folder = sweep_folder(cfg, resume)
+    sweep_dir = folder.local
     sweep_dir.mkdir(parents=True, exist_ok=True)
     spec = cfg.tune
     budget = max_t(cfg.train.max_steps, cfg.train.eval_every)
     n_concurrent = concurrency(cfg)
     uri = absolute_tracking_uri(cfg.mlflow.tracking_uri)
-    parent = _open_parent(cfg, sweep_dir, resume, {
+    parent = _open_parent(cfg, folder, resume, {
         "tune.max_t": budget, "tune.max_concurrent_trials": n_concurrent, "tune.trial_cpus": TRIAL_CPUS})
     print(f"[tune] {cfg.name}: {spec.num_samples} trials ({spec.search} search, ASHA max_t {budget}, "
-          f"grace {spec.grace_period}, η {spec.reduction_factor}), {n_concurrent} at a time; outputs in {sweep_dir}",
+          f"grace {spec.grace_period}, η {spec.reduction_factor}), {n_concurrent} at a time; outputs in {folder.where}",
           flush=True)
     try:
-        result = _sweep(cfg, trainer_factory, sweep_dir, parent, uri, budget, n_concurrent, callbacks, resume)
+        result = _sweep(cfg, trainer_factory, folder, parent, uri, budget, n_concurrent, callbacks, resume)
         result.wall_s = round(time.time() - t0, 1)
         if parent:
             _log_parent(parent, result, sweep_dir / "sweep_table.csv", sweep_dir / "sweep.png")
@@ -576,22 +628,22 @@ def run_sweep(cfg: RunConfig, trainer_factory: TrainerFactory, resume: bool = Fa
     return result
 
 
-def _sweep(cfg: RunConfig, trainer_factory: TrainerFactory, sweep_dir: Path, parent: str | None, uri: str,
+def _sweep(cfg: RunConfig, trainer_factory: TrainerFactory, folder: RunFolder, parent: str | None, uri: str,
            budget: int, n_concurrent: int, callbacks: list | None, resume: bool) -> SweepResult:
     import pandas as pd
 
     tasks = cfg.task_names
     trial_cfg = trial_config(cfg)
     all_callbacks = [_run_closer(uri, parent, cfg.train.max_steps)] + list(callbacks or [])
-    tuner = _tuner(cfg, _trainable(trial_cfg, trainer_factory, parent, sweep_dir, STAGE_TRIAL), sweep_dir,
+    tuner = _tuner(cfg, _trainable(trial_cfg, trainer_factory, parent, folder, STAGE_TRIAL), folder,
                    all_callbacks, resume, max_concurrent=n_concurrent)
-    grid = _fit(tuner, sweep_dir / EXPERIMENT, uri, parent)
+    grid = _fit(tuner, _experiment(folder), uri, parent)
     if parent:
         _close_runs(uri, parent)  # anything a killed trial left open
     reap_orphan_placement_groups()
     table = pd.DataFrame([_trial_row(r, tasks, cfg.train.max_steps, budget) for r in grid])
     if not table["objective"].notna().any():
-        raise RuntimeError(f"no trial reported an objective; see {sweep_dir / EXPERIMENT}")
+        raise RuntimeError(f"no trial reported an objective; see {storage.join(folder.where, EXPERIMENT)}")
     best, best_metrics = _best(grid, table, tasks)
     print(f"[tune] best trial {best['trial_id']}: objective {best['objective']:.4f} at step {best['best_step']}, "
           f"lr {best['lr']:.3g}" + "".join(f", λ {t} {w:.2f}" for t, w in (best.get("task_weights") or {}).items()),
@@ -599,25 +651,28 @@ def _sweep(cfg: RunConfig, trainer_factory: TrainerFactory, sweep_dir: Path, par
     equal = None
     if cfg.tune.compare_equal and len(tasks) > 1:
         best_config = grid.get_best_result(metric=METRIC, mode=MODE, scope="all").config
-        equal = _compare_equal(cfg, trial_cfg, trainer_factory, best_config, best, sweep_dir, parent, uri,
+        equal = _compare_equal(cfg, trial_cfg, trainer_factory, best_config, best, folder, parent, uri,
                                all_callbacks, resume, budget)
-    result = SweepResult(sweep_dir=sweep_dir, best=best, best_checkpoint=best_metrics[CHECKPOINT_PATH],
+    # Ray reports a checkpoint as a path on the storage filesystem: a URI names it in object storage
+    result = SweepResult(sweep_dir=folder.local, best=best,
+                         best_checkpoint=storage.uri_of(folder.where, best_metrics[CHECKPOINT_PATH]),
                          best_metrics=best_metrics, table=table, parent_run_id=parent, max_t=budget,
-                         max_concurrent_trials=n_concurrent, equal_weights=equal)
-    result.shown_table().to_csv(sweep_dir / "sweep_table.csv", index=False)
-    _plot(table, tasks, sweep_dir / "sweep.png")
+                         max_concurrent_trials=n_concurrent, equal_weights=equal, remote=folder.remote)
+    result.shown_table().to_csv(folder.local / "sweep_table.csv", index=False)
+    _plot(table, tasks, folder.local / "sweep.png")
+    folder.sync()
     return result
 
 
 def _compare_equal(cfg: RunConfig, trial_cfg: RunConfig, trainer_factory: TrainerFactory,
-                   best_config: dict[str, Any], best: dict[str, Any], sweep_dir: Path, parent: str | None,
+                   best_config: dict[str, Any], best: dict[str, Any], folder: RunFolder, parent: str | None,
                    uri: str, callbacks: list, resume: bool, budget: int) -> dict[str, Any] | None:
     """One full-budget trial with every λ = 1 at the best trial's lr (``tune.compare_equal``)."""
     tasks = cfg.task_names
-    eq_tuner = _tuner(cfg, _trainable(trial_cfg, trainer_factory, parent, sweep_dir, STAGE_EQUAL), sweep_dir,
+    eq_tuner = _tuner(cfg, _trainable(trial_cfg, trainer_factory, parent, folder, STAGE_EQUAL), folder,
                       callbacks, resume, name=EQUAL_EXPERIMENT, param_space=equal_weights_config(best_config, tasks),
                       num_samples=1, asha=False)
-    eq_grid = _fit(eq_tuner, sweep_dir / EQUAL_EXPERIMENT, uri, parent)
+    eq_grid = _fit(eq_tuner, _experiment(folder, EQUAL_EXPERIMENT), uri, parent)
     row = _trial_row(eq_grid[0], tasks, cfg.train.max_steps, budget)
     if row["objective"] != row["objective"]:  # NaN: the trial reported nothing
         return None

@@ -365,3 +365,28 @@ def test_early_stop_keeps_best_and_a_stopped_run_resumes(synth, tmp_path, ray_se
     assert resumed.run_dir == first.run_dir
     assert [h["step"] for h in history(resumed)] == EVALS
     assert resumed.steps == MAX_STEPS
+
+
+@pytest.mark.extended  # about 160 s here (two fits, two publishes): opt-in, .ci/run runs it
+def test_a_stopped_run_in_object_storage_resumes_on_a_new_machine(synth, tmp_path, ray_session, s3_server):
+    """``--resume`` with ``output_dir`` in S3 (moto on 127.0.0.1) needs nothing but the bucket: the
+    run stops on patience at step 30, the driver's staging folder is deleted (a new cluster), and the
+    resumed run finds the run folder by listing the bucket, continues the same MLflow run and Ray
+    Train run from the last checkpoint read back from S3, and trains steps 45 and 60 only."""
+    import shutil
+
+    from mtl import storage
+    from mtl.storage import RunFolder
+    from pipelines.train import run_training
+
+    cfg = make_config(synth, tmp_path, lr=1e-12, head_lr=1e-12, patience=1, num_workers=1)
+    cfg.output_dir = s3_server("mtl-resume", "runs")
+    first = run_training(cfg)
+    assert [h["step"] for h in history(first)] == [15, 30] and first.run_dir.startswith("s3://mtl-resume/")
+    shutil.rmtree(RunFolder.staged(first.run_dir, cfg.name).local)
+
+    cfg.train.patience = None
+    resumed = run_training(cfg, resume=True)
+    assert (resumed.run_dir, resumed.mlflow_run_id) == (first.run_dir, first.mlflow_run_id)
+    assert [h["step"] for h in history(resumed)] == EVALS and resumed.steps == MAX_STEPS
+    assert json.loads(storage.read_text(storage.join(resumed.run_dir, "summary.json")))["steps"] == MAX_STEPS

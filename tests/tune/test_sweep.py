@@ -2,7 +2,8 @@
 driven the way ``mtl-ray tune`` drives it (``pipelines.tuning.run_tune``: this project's trainer
 factory, then publishing): ASHA stops weak trials, one MLflow child run per trial (none left
 RUNNING), the champion is the best trial, an interrupted sweep resumes without running its finished
-trials again, and an Optuna search runs."""
+trials again, an Optuna search runs, and a sweep whose output_dir is in S3 (moto) keeps everything
+there and resumes from the bucket alone."""
 
 from __future__ import annotations
 
@@ -299,3 +300,70 @@ def test_the_module_sweep_searched_with_optuna(sweep):
     assert table["lr"].between(1e-4, 5e-2).all() and table["lr"].nunique() == len(table)
     states = list((Path(out.run_dir) / "trials").glob("searcher-state-*"))
     assert states and b"optuna" in states[0].read_bytes().lower()
+
+
+# about 250 s here (2 trials, publishing, then a resume that publishes again): opt-in, .ci/run runs it
+@pytest.mark.extended
+def test_a_sweep_in_object_storage_publishes_there_and_resumes_from_the_bucket(ray_session, tiny_encoder, tmp_path,
+                                                                               s3_server):
+    """``output_dir`` in S3 (moto on 127.0.0.1), 2 trials of 3 evaluations: Tune's experiment, the
+    trials' Ray Train checkpoints and start markers, the winner's model, summary.json, table and plot
+    all land in the bucket; the model serves from its URI and is the champion's. Then, as on a new
+    cluster (the driver's staging folder deleted), ``--resume`` finds the sweep by listing the bucket,
+    restores Tune's state from it and runs no trial again."""
+    import json
+    import shutil
+
+    from ray.tune import ExperimentAnalysis
+
+    from mtl import storage
+    from mtl.predictor import Predictor
+    from mtl.registry import local_artifact
+    from pipelines.tracking import absolute_tracking_uri
+    from pipelines.tuning import run_tune
+    from tune.sweep import sweep_folder
+
+    cfg = small_config(tmp_path, tiny_encoder, "s3-sweep", tune={"num_samples": 2, "max_concurrent": 2},
+                       train={"max_steps": 6})
+    cfg.output_dir = s3_server("mtl-sweeps", "runs")
+    out = run_tune(cfg)
+    root = out.run_dir
+    assert root.startswith("s3://mtl-sweeps/runs/s3-sweep/sweep-") and root.endswith(cfg.output_dir.partition("?")[2])
+    assert {"mlflow_run_id", "summary.json", "sweep_table.csv", "sweep.png"} <= set(storage.list_files(root))
+    # Tune's experiment state, readable from the bucket alone
+    path, fs = storage.ray_storage(storage.join(root, "trials"))
+    trials = ExperimentAnalysis(path, storage_filesystem=fs).trials
+    assert sorted(t.trial_id for t in trials) == sorted(out.sweep.table["trial_id"])
+    assert all(t.status == "TERMINATED" for t in trials)
+    starts = {t: storage.list_files(storage.join(root, "starts", t))
+              for t in storage.list_dirs(storage.join(root, "starts"))}
+    assert starts == {t.trial_id: ["1"] for t in trials}
+    # the best checkpoint is a URI in the sweep's train/ folder; the model beside it is its copy
+    assert out.sweep.best_checkpoint.startswith(root.partition("?")[0] + "/train/")
+    assert storage.exists(storage.join(out.sweep.best_checkpoint, "model", "manifest.json"))
+    assert out.model_dir == storage.join(root, "model")
+    manifest = json.loads(storage.read_text(storage.join(out.model_dir, "manifest.json")))
+    assert manifest["step"] == out.sweep.best["best_step"]
+    assert json.loads(storage.read_text(storage.join(root, "summary.json"))) == json.loads(
+        json.dumps(out.summary(), default=str))
+    predictor = Predictor.load(local_artifact(out.model_dir, dst=str(tmp_path / "cache")))
+    assert set(predictor.model.tasks) == {"intent", "slots"}
+    assert "label" in predictor.predict(["show me flights from boston to denver"], ["intent"])[0]["intent"]
+    # the champion is the model logged from that folder, tagged with the sweep
+    client = _client(cfg)
+    mv = client.get_model_version_by_alias(cfg.mlflow.registered_model, "champion")
+    assert (str(mv.version), mv.source, mv.run_id) == (str(out.registered_version), out.model_uri, out.mlflow_run_id)
+    assert mv.tags["mtl_ray.sweep"] == storage.name(root)
+    logged = local_artifact(out.model_uri, tracking_uri=absolute_tracking_uri(cfg.mlflow.tracking_uri),
+                            dst=str(tmp_path / "logged"))
+    assert json.loads((logged / "manifest.json").read_text()) == manifest
+
+    shutil.rmtree(sweep_folder(cfg, resume=True).local)  # a new cluster: nothing of the sweep on this machine
+    found = sweep_folder(cfg, resume=True)
+    assert found.remote == root and (found.local / "mlflow_run_id").read_text() == out.mlflow_run_id
+    again = run_tune(cfg, resume=True)
+    assert again.run_dir == root and again.mlflow_run_id == out.mlflow_run_id
+    assert (again.sweep.best["trial_id"], again.sweep.best["objective"]) == (out.sweep.best["trial_id"],
+                                                                            out.sweep.best["objective"])
+    restarted = {t: storage.list_files(storage.join(root, "starts", t)) for t in starts}
+    assert restarted == starts, "no trial ran again"
