@@ -149,10 +149,37 @@ def history(result) -> list[dict[str, float]]:
     return [] if df is None else df.sort_values("step").to_dict("records")
 
 
-def _evaluate_remote(model_dir: str, rows: dict[str, list[dict]], batch_size: int, threads: int,
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(f.relative_to(folder)): f.read_bytes() for f in sorted(folder.rglob("*")) if f.is_file()}
+
+
+def _evaluate_remote(files: dict[str, bytes], rows: dict[str, list[dict]], batch_size: int, threads: int,
                      validation: dict[str, list[dict]] | None = None):
-    """Test report of the artifact; with ``validation``, first fit its temperatures there (written
-    to the manifest; reliability diagrams on the test sets beside the model: ``../calibration``)."""
+    """Test report of the artifact whose ``files`` are shipped here (the task may run on another
+    node than the driver's folder: on Kubernetes it does); with ``validation``, first fit its
+    temperatures there. Returns the report, the calibration and the files that changed: the
+    manifest (temperatures) and the reliability diagrams on the test sets."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="mtl-evaluate-") as tmp:
+        model_dir = Path(tmp) / "model"
+        for name, data in files.items():
+            (model_dir / name).parent.mkdir(parents=True, exist_ok=True)
+            (model_dir / name).write_bytes(data)
+        report, calibration = _evaluate_local(str(model_dir), rows, batch_size, threads, validation)
+        changed = {"model/manifest.json": (model_dir / "manifest.json").read_bytes()}
+        plots = Path(tmp) / "calibration"
+        changed.update({f"calibration/{f.name}": f.read_bytes() for f in sorted(plots.glob("*"))} if plots.exists() else {})
+        for res in calibration.values():
+            if "plot" in res:
+                res["plot"] = f"calibration/{Path(res['plot']).name}"
+    return report, calibration, changed
+
+
+def _evaluate_local(model_dir: str, rows: dict[str, list[dict]], batch_size: int, threads: int,
+                    validation: dict[str, list[dict]] | None = None):
+    """Test report of the artifact in ``model_dir``; with ``validation``, first fit its temperatures
+    there (written to the manifest; reliability diagrams on the test sets: ``../calibration``)."""
     import ray
 
     from mtl.calibration import calibrate, write_temperatures
@@ -190,8 +217,16 @@ def evaluate_test(cfg: RunConfig, model_dir: str | Path, data: dict[str, TaskDat
     # row lists, or the Ray Datasets of sources read where they lie (read inside the task)
     rows = {t: split_rows(d, split) for t, d in data.items()}
     validation = {t: split_rows(d, "validation") for t, d in data.items()} if calibrate else None
-    report, calibration = ray.get(fn.remote(str(model_dir), rows, cfg.train.eval_batch_size,
-                                            int(cfg.train.cpus_per_worker), validation))
+    report, calibration, changed = ray.get(fn.remote(ray.put(_files(Path(model_dir))), rows, cfg.train.eval_batch_size,
+                                                     int(cfg.train.cpus_per_worker), validation))
+    parent = Path(model_dir).parent
+    for name, data in changed.items():  # the fitted temperatures and the diagrams, back beside the model
+        dst = Path(model_dir) / name.removeprefix("model/") if name.startswith("model/") else parent / name
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        dst.write_bytes(data)
+    for res in calibration.values():
+        if "plot" in res:
+            res["plot"] = str(parent / res["plot"])
     return report, calibration
 
 
