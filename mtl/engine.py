@@ -305,7 +305,7 @@ class Engine:
         self.step = 0
         self.consumed = {i: 0 for i in self.inputs}  # micro-batches drawn, per input
         self.best_objective, self.best_step, self.bad_evals = -math.inf, -1, 0
-        self.examples = 0  # training rows seen, all ranks
+        self.examples = 0  # training rows seen, all ranks (a shared input's row counts once)
         self.train_s = 0.0  # seconds in training steps during this fit
         self.data_s = 0.0  # of which: waiting for training batches (a streamed shard's iterator)
         self.history: list[dict[str, float]] = []  # one record of scalars per evaluation

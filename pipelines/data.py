@@ -242,8 +242,8 @@ def run_data(cfg: RunConfig, tokenize: bool = True) -> dict[str, Any]:
         datasets = build_datasets(cfg, data)
         for key, ds in datasets.items():
             n = ds.count()
-            task, split = key.split(".")
-            result[task][split + "_tokenized"] = n
+            name, split = key.rsplit(".", 1)  # a task, or input.<name> for a shared input's rows
+            result.setdefault(name, {})[split + "_tokenized"] = n
         print(f"[data] tokenized {sum(d.size(s) for d in data.values() for s in SPLITS):,} rows "
               f"through Ray Data in {time.time() - t0:.1f}s", flush=True)
     return result
