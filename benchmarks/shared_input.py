@@ -117,6 +117,7 @@ def engine_run(cfg, arrays: dict, infos, encoder_dir: str, steps: int, warmup: i
 
     loop = PlainLoop(cfg, infos, arrays, encoder_dir)
     engine = loop.engine
+    engine.module.train()  # as Engine.fit does (dropout on), like the plain loop
     calls = {"n": 0}
     hook = engine.raw.model.encoder.register_forward_hook(lambda *a: calls.__setitem__("n", calls["n"] + 1))
     first: dict[str, float] = {}
