@@ -21,8 +21,9 @@ The three are built once and stepped in turn, ``--chunk`` steps each, the order 
 round, so a change in the machine's load falls on all of them alike (the machines this runs on are
 shared). samples/s = sentences trained for both tasks per second of timed steps (32 per step on
 every side; the separate side's 32 intent rows and 32 slot rows count as 32). The first
-``--warmup`` steps of each side are not timed. Target: shared ÷ plain ≥ 0.97, reported over all
-timed steps and as the median of the per-round ratios. The first step's losses of plain and shared
+``--warmup`` steps of each side are not timed. Target: shared ÷ plain ≥ 0.97 as the median of the
+per-round ratios (a load burst during one side's turn skews the ratio over all timed steps, which
+is reported beside it). The first step's losses of plain and shared
 are reported side by side: the same weights, rows and dropout draws give the same losses.
 """
 
@@ -192,7 +193,9 @@ def main(argv: list[str] | None = None) -> dict:
         "rounds": rounds,
     }
     return write_result(NAME, "ATIS intent+slots as one input: Engine vs plain JointBERT loop, samples/s", args,
-                        figures, [target("shared_over_plain_samples_per_s", ratio, 0.97, ">=", "×")], notes=[
+                        figures, [target("shared_over_plain_samples_per_s", median, 0.97, ">=", "×",
+                                         note="median of the rounds' ratios (robust to load bursts); "
+                                              "ratio_shared_over_plain is over all timed steps")], notes=[
         "Same model code and initial weights, same batches in the same order (BatchStream of the shared "
         "input), same batch, length, lr, schedule shape, clipping and threads; in one process, no Ray.",
         "Both sides use torch's fused AdamW (the plain loop one group, weight decay 0.01 everywhere; the "
