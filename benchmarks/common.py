@@ -289,29 +289,41 @@ def free_port() -> int:
 
 def tokenize_arrays(cfg, data: dict, splits: tuple[str, ...] = ("train", "validation")) -> dict:
     """{task: {split: arrays}} with the exact function Ray Data maps (``pipelines.data.Tokenize``),
-    in ``idx`` order: the arrays a Ray Train worker materialises from its dataset shard."""
+    in ``idx`` order: the arrays a Ray Train worker materialises from its dataset shard; and for
+    each shared input (``RunConfig.inputs``) {name: {"train": arrays}} from ``TokenizeInput``."""
     import numpy as np
 
     from mtl.packages import resolve_encoder
-    from pipelines.data import Tokenize, task_infos
+    from mtl.readers import input_rows
+    from pipelines.data import Tokenize, TokenizeInput, shared_inputs, task_infos
+    from pipelines.sources import plain_input_rows
 
     tok_dir = str(resolve_encoder(cfg.model.encoder))
     out: dict[str, dict[str, dict[str, np.ndarray]]] = {}
     bs = cfg.data.tokenize_batch_size
-    for info in task_infos(cfg, data):
+
+    def tokenized(fn, rows: list[dict], label_columns: list[str]) -> dict[str, np.ndarray]:
+        parts = []
+        for i in range(0, len(rows), bs):
+            chunk = rows[i:i + bs]
+            parts.append(fn({"text": np.asarray([r["text"] for r in chunk], dtype=object),
+                             **{c: [r[c] for r in chunk] for c in label_columns},
+                             "idx": np.asarray([r["idx"] for r in chunk])}))
+        arrays = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        order = np.argsort(arrays["idx"], kind="stable")
+        return {k: v[order] for k, v in arrays.items()}
+
+    infos = task_infos(cfg, data)
+    for info in infos:
         fn = Tokenize(tok_dir, info)
-        out[info.name] = {}
-        for split in splits:
-            rows = list(data[info.name].rows(split))  # driver-held or read back from Ray Data
-            parts = []
-            for i in range(0, len(rows), bs):
-                chunk = rows[i:i + bs]
-                parts.append(fn({"text": np.asarray([r["text"] for r in chunk], dtype=object),
-                                 "label": [r["label"] for r in chunk],
-                                 "idx": np.asarray([r["idx"] for r in chunk])}))
-            arrays = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-            order = np.argsort(arrays["idx"], kind="stable")
-            out[info.name][split] = {k: v[order] for k, v in arrays.items()}
+        # driver-held or read back from Ray Data
+        out[info.name] = {split: tokenized(fn, list(data[info.name].rows(split)), ["label"]) for split in splits}
+    for name, tasks in shared_inputs(cfg).items():
+        fn = TokenizeInput(tok_dir, [i for i in infos if i.name in tasks])
+        first = data[tasks[0]]  # driver-held (embedded ATIS) or read where it lies (Ray Data)
+        rows = plain_input_rows(first, "train") if hasattr(first, "input_dataset") else \
+            input_rows({t: data[t] for t in tasks}, "train")
+        out[name] = {"train": tokenized(fn, rows, [f"label.{t}" for t in tasks])}
     return out
 
 
@@ -329,7 +341,7 @@ class PlainLoop:
         self.device = dev or device()
         model = MultiTaskModel.from_encoder(encoder_dir, infos, seed=tc.seed)
         config = EngineConfig.from_train(tc, task_weights={t.name: t.weight for t in cfg.tasks})
-        self.engine = Engine(model, arrays, config, device=self.device)
+        self.engine = Engine(model, arrays, config, device=self.device, inputs=cfg.inputs)
         self.module = self.engine.raw  # the TrainModule
         self.names = self.engine.names
         self.tokens = 0  # token positions computed (after trimming shared padding)

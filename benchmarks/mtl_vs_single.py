@@ -48,7 +48,7 @@ def single_config(cfg, task: str, steps: int, eval_every: int, output_dir: str):
     from mtl.config import config_from_dict
 
     raw = cfg.to_dict()
-    raw["tasks"] = [t for t in raw["tasks"] if t["name"] == task]
+    raw["tasks"] = [{**t, "input": None} for t in raw["tasks"] if t["name"] == task]  # alone: no shared input
     raw["name"] = f"single-{task}"
     raw["output_dir"] = output_dir
     raw["train"].update(max_steps=steps, eval_every=eval_every)

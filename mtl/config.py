@@ -141,6 +141,9 @@ class TaskSpec(_Strict):
     max_examples: int | None = Field(None, ge=1)  # per split cap (train; val/test get a tenth, at least 50)
     head_dropout: float = Field(0.1, ge=0, lt=1)
     pooling: Literal["mean", "cls"] = "mean"  # sentence tasks: how token states become one vector
+    # tasks with the same ``input`` label the same rows: read, split and tokenized once, and one
+    # encoder pass per batch feeds all their heads (e.g. ATIS intent + slots)
+    input: str | None = Field(None, pattern=r"^[A-Za-z][A-Za-z0-9_]*$")
 
     @model_validator(mode="after")
     def _check_labels(self) -> TaskSpec:
@@ -302,7 +305,7 @@ class RunConfig(_Strict):
     def _check_rules(self) -> RunConfig:
         """Every cross-field rule, checked here so a config that cannot run fails before Ray starts."""
         problems = (_objective_problems(self) + _parallel_problems(self.train)
-                    + _weighting_problems(self) + _space_problems(self))
+                    + _weighting_problems(self) + _space_problems(self) + _input_problems(self))
         if problems:
             raise RuleViolations(problems)
         return self
@@ -319,6 +322,15 @@ class RunConfig(_Strict):
 
     def max_length(self, task: TaskSpec) -> int:
         return task.max_length or self.model.max_length
+
+    @property
+    def inputs(self) -> dict[str, list[str]]:
+        """What training draws batches of: each shared ``input`` and its tasks, and every other
+        task as an input of its own (named after it), in the order of the tasks."""
+        out: dict[str, list[str]] = {}
+        for t in self.tasks:
+            out.setdefault(t.input or t.name, []).append(t.name)
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
@@ -379,6 +391,57 @@ def _weighting_problems(cfg: RunConfig) -> list[tuple[str, str]]:
     if cfg.tune is not None and cfg.tune.space.task_weights and len(cfg.tasks) > 1:
         out.append(("tune.space.task_weights", "true with train.weighting: uncertainty: the learned weights "
                                                "override λ, so a λ search has no effect; set it to false"))
+    return out
+
+
+SHAREABLE_SOURCES = ("atis", *FILE_SOURCES[:3])  # sources whose rows can carry one label per task
+# what the tasks of one input may set differently: what they label, and how
+_LABEL_FIELDS = {"field", "labels", "label_separator"}
+_LABEL_COLUMNS = {"label", "tags"}
+
+
+def _source_key(task: TaskSpec) -> dict[str, Any]:
+    """The part of a task's source that decides which rows it reads (not what it labels)."""
+    src = task.source.model_dump(exclude=_LABEL_FIELDS)
+    src["columns"] = {k: v for k, v in src["columns"].items() if k not in _LABEL_COLUMNS}
+    return src
+
+
+def _input_problems(cfg: RunConfig) -> list[tuple[str, str]]:
+    """Tasks sharing an ``input`` read the same rows: same source (but for what they label), one
+    max_length and one max_examples, so one tokenization and one split serve them all."""
+    out: list[tuple[str, str]] = []
+    first: dict[str, int] = {}
+    for i, t in enumerate(cfg.tasks):
+        if t.input is None:
+            continue
+        field = f"tasks.{i}.input"
+        if t.input in cfg.task_names:
+            out.append((field, f"{t.input!r} is also a task name; name the shared input differently"))
+            continue
+        if t.input not in first:
+            first[t.input] = i
+            if sum(u.input == t.input for u in cfg.tasks) < 2:
+                out.append((field, f"{t.input!r} is this task's alone; an input is shared by two tasks or "
+                                   "more (remove it, or give another task the same input)"))
+            elif t.source.type not in SHAREABLE_SOURCES:
+                out.append((field, f"source type {t.source.type!r} cannot be shared (its rows carry one "
+                                   f"label); shared inputs read {', '.join(SHAREABLE_SOURCES)}"))
+            continue
+        j = first[t.input]
+        ref = cfg.tasks[j]
+        mine, theirs = _source_key(t), _source_key(ref)
+        diff = sorted(k for k in mine if mine[k] != theirs[k])
+        if diff:
+            k = diff[0]
+            out.append((field, f"{t.input!r}: source differs from tasks.{j} ({k} {mine[k]!r} vs {theirs[k]!r}); "
+                               "tasks of one input read the same rows and differ only in what they label"))
+        elif cfg.max_length(t) != cfg.max_length(ref):
+            out.append((field, f"{t.input!r}: max_length {cfg.max_length(t)} differs from tasks.{j} "
+                               f"({cfg.max_length(ref)}); tasks of one input are tokenized once, at one length"))
+        elif t.max_examples != ref.max_examples:
+            out.append((field, f"{t.input!r}: max_examples {t.max_examples} differs from tasks.{j} "
+                               f"({ref.max_examples}); tasks of one input are capped once"))
     return out
 
 

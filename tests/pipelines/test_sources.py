@@ -273,3 +273,46 @@ def test_driver_held_tasks_keep_their_api():
     td = TaskData("t", "sequence_classification", ["a"], {"train": [{"idx": 0, "text": "x", "label": "b"}]})
     assert td.size("train") == 1 and list(td.rows("train"))[0]["text"] == "x"
     assert td.unseen("train") == {"b": 1}
+
+
+# ---------------------------------------------------------------- a shared input
+
+
+def test_a_shared_file_input_is_one_read_with_a_label_per_task(tmp_path, ray_session, tiny_encoder):
+    """A JSONL of tokens, tags and a sentence label read as one input by a tagger and a classifier:
+    a row missing a label is dropped for both, both tasks have the same rows in the same splits
+    (split by the hash of the joined tokens), their exact label lists and counts, and the input's
+    tokenized rows carry both tasks' labels."""
+    from pipelines.data import input_key
+
+    path = tmp_path / "joint.jsonl"
+    lines = []
+    for i in range(60):
+        text, label = review(i)
+        words = text.split()
+        tags = ["B-num" if w.isdigit() else "O" for w in words]
+        lines.append({"tokens": words, "tags": tags, "mood": None if i == 7 else label})
+    path.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    cfg = config([{"name": "mood", "kind": "sequence_classification", "input": "joint",
+                   "source": {"type": "jsonl", "path": str(path), "columns": {"label": "mood"}}},
+                  {"name": "nums", "kind": "token_classification", "input": "joint",
+                   "source": {"type": "jsonl", "path": str(path)}}], tiny_encoder)
+    data = read_tasks(cfg)
+    mood, nums = data["mood"], data["nums"]
+    assert isinstance(mood, RayTaskData) and mood.input == nums.input == "joint"
+    want = {s: sorted(" ".join(x["tokens"]) for x in lines if x["mood"] is not None
+                      and expected_split(" ".join(x["tokens"])) == s) for s in SPLITS}
+    assert split_texts(mood) == split_texts(nums) == want
+    assert mood.labels == ["meh", "neg", "pos"] and nums.labels == ["O", "B-num"]
+    assert {s: mood.size(s) for s in SPLITS} == {s: nums.size(s) for s in SPLITS} == {s: len(want[s]) for s in SPLITS}
+    assert sum(mood.label_counts("train").values()) == len(want["train"])
+    assert nums.label_counts("train") == {"B-num": len(want["train"])}
+    datasets = build_datasets(cfg, data, tokenizer_dir=str(tiny_encoder))
+    shared = by_split({s: datasets[input_key("joint", s)] for s in SPLITS})
+    alone = by_split({s: datasets[dataset_key("mood", s)] for s in SPLITS})
+    for s in SPLITS:
+        a = sorted(shared[s], key=lambda r: int(r["idx"]))
+        b = sorted(alone[s], key=lambda r: int(r["idx"]))
+        assert [int(r["idx"]) for r in a] == [int(r["idx"]) for r in b] and len(a) == len(want[s])
+        assert all(int(x["labels.mood"]) == int(y["labels"]) for x, y in zip(a, b))
+        assert all(int((r["labels.nums"] == 1).sum()) == 1 for r in a)  # one B-num per row

@@ -390,3 +390,99 @@ def test_a_stopped_run_in_object_storage_resumes_on_a_new_machine(synth, tmp_pat
     assert (resumed.run_dir, resumed.mlflow_run_id) == (first.run_dir, first.mlflow_run_id)
     assert [h["step"] for h in history(resumed)] == EVALS and resumed.steps == MAX_STEPS
     assert json.loads(storage.read_text(storage.join(resumed.run_dir, "summary.json")))["steps"] == MAX_STEPS
+
+
+# ---------------------------------------------------------------- a shared input
+
+
+def write_shared(root: Path, n: int = 400, seed: int = 1) -> Path:
+    """One JSONL of sentences that both tasks label: tokens, city BIO tags and a keyword sentiment."""
+    rng = random.Random(seed)
+    lines = []
+    for _ in range(n):
+        words = _sentence(rng, rng.randint(3, 7))
+        tags = ["O"] * len(words)
+        city = rng.choice(CITIES)
+        at = rng.randrange(len(words) + 1)
+        words[at:at] = city
+        tags[at:at] = ["B-city"] + ["I-city"] * (len(city) - 1)
+        label = rng.choice(["pos", "neg"])
+        at = rng.randrange(len(words) + 1)
+        words.insert(at, rng.choice(POSITIVE if label == "pos" else NEGATIVE))
+        tags.insert(at, "O")
+        lines.append(json.dumps({"tokens": words, "tags": tags, "sentiment": label}))
+    path = root / "shared.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def make_shared_config(synth, tmp: Path, **train) -> object:
+    """``make_config``'s two tasks labelling the same sentences: one input, ``synth``."""
+    path = str(write_shared(tmp))
+    raw = make_config(synth, tmp, **train).to_dict()
+    raw["tasks"][0].update(input="synth", source={"type": "jsonl", "path": path, "columns": {"label": "sentiment"}})
+    raw["tasks"][1].update(input="synth", source={"type": "jsonl", "path": path})
+    return config_from_dict(raw)
+
+
+@pytest.fixture(scope="module")
+def shared2(synth, tmp_path_factory, ray_session):
+    """2 DDP workers streaming their shards of the shared input's training split; rank 1 dies at
+    step 20 and the group resumes from the checkpoint of step 15."""
+    import faults
+    from ray import cloudpickle
+
+    from pipelines.train import run_training
+
+    cloudpickle.register_pickle_by_value(faults)
+    tmp = tmp_path_factory.mktemp("shared2")
+    cfg = make_shared_config(synth, tmp)
+    assert cfg.train.data_sharding == "streaming" and cfg.inputs == {"synth": ["sentiment", "cities"]}
+    return cfg, run_training(cfg, callbacks=[faults.CrashOnce(20, str(tmp / "crashed"))]), tmp
+
+
+def test_a_shared_input_streamed_learns_both_tasks_and_resumes(shared2):
+    """One encoder pass per batch for both heads, streamed over 2 workers: both tasks learn to the
+    floors of ``test_ddp_two_workers_learns``; the worker that died at step 20 resumed from step 15
+    without redoing a reported step."""
+    cfg, summary, tmp = shared2
+    assert (tmp / "crashed").read_text() == "20"
+    hist = history(summary)
+    assert [h["step"] for h in hist] == EVALS and summary.steps == MAX_STEPS
+    for task in ("sentiment", "cities"):
+        assert hist[-1][f"train/loss/{task}"] < 0.7 * hist[0][f"train/loss/{task}"], task
+    assert summary.test_metrics["sentiment"]["accuracy"] >= 0.9
+    assert summary.test_metrics["cities"]["f1"] >= 0.8
+
+
+def test_a_shared_input_replicated_gives_the_engines_losses(synth, tmp_path, ray_session):
+    """``data_sharding: replicated``, 1 worker: the run's first window equals the engine alone on the
+    arrays of ``TokenizeInput`` (``benchmarks.common.tokenize_arrays``), to 1e-5 as the pinned
+    losses above: Ray Data and the glue add nothing to a shared input's numerics."""
+    import torch
+
+    from benchmarks.common import tokenize_arrays
+    from mtl.engine import Engine, EngineConfig
+    from mtl.model import MultiTaskModel
+    from pipelines.data import read_tasks, task_infos
+    from pipelines.train import run_training
+
+    cfg = make_shared_config(synth, tmp_path, num_workers=1, data_sharding="replicated", max_steps=15)
+    ray_window = history(run_training(cfg))[0]
+    data = read_tasks(cfg)
+    arrays = tokenize_arrays(cfg, data)
+    assert set(arrays["synth"]["train"]) == {"idx", "input_ids", "attention_mask", "labels.sentiment", "labels.cities"}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model = MultiTaskModel.from_encoder(synth[3], task_infos(cfg, data), seed=cfg.train.seed)
+        engine = Engine(model, arrays, EngineConfig.from_train(cfg.train, task_weights={t.name: t.weight for t in cfg.tasks}),
+                        inputs=cfg.inputs)
+        for _ in range(cfg.train.eval_every):
+            engine.train_step()
+        window = engine.end_window()
+    finally:
+        torch.set_num_threads(threads)
+    assert engine.consumed == {"synth": 15}
+    for task in ("sentiment", "cities"):
+        assert ray_window[f"train/loss/{task}"] == pytest.approx(window[f"train/loss/{task}"], rel=1e-5)
