@@ -625,6 +625,7 @@ def open_input(plan: SourcePlan, data: DataSpec, seed: int) -> dict[str, RayTask
         pieces.append(_read(files, plan).map_batches(NormalizeInput(normalize, where, seed, fixed, val, test),
                                                      batch_format="pyarrow", batch_size=4096))
     base = pieces[0].union(*pieces[1:]) if len(pieces) > 1 else pieces[0]
+    base = run_checked(_spread(base).materialize)  # read once, as open_source does
     counts = _count_input(base, kinds)
     first = counts[tasks[0].name]
     for split in SPLITS:
