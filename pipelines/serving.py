@@ -60,8 +60,13 @@ def run_server(model: str, cfg: RunConfig | None = None, host: str | None = None
             time.sleep(1.0)
     except KeyboardInterrupt:
         print("mtl-ray: stopping", flush=True)
-        serve.delete(APP_NAME)
-        if os.environ.get("RAY_ADDRESS", "local") in ("", "local"):  # the local Ray init_ray started
-            serve.shutdown()
-            ray.shutdown()
+        try:
+            if os.environ.get("RAY_ADDRESS", "local") in ("", "local"):
+                # the local Ray init_ray started: Serve, its replicas and HAProxy go down with it
+                # (deleting the app first would wait out HAProxy's 30 s replica drain for nothing)
+                ray.shutdown()
+            else:
+                serve.delete(APP_NAME)  # on a cluster: replicas drain out of HAProxy's rotation first
+        except KeyboardInterrupt:
+            print("mtl-ray: stopped without waiting for the application to drain", flush=True)
     return url
