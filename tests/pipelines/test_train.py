@@ -441,6 +441,7 @@ def shared2(synth, tmp_path_factory, ray_session):
     return cfg, run_training(cfg, callbacks=[faults.CrashOnce(20, str(tmp / "crashed"))]), tmp
 
 
+@pytest.mark.extended  # about 90-130 s (a 2-worker fit with a killed worker); the engine-level shared-input tests stay in make test: .ci/run runs it
 def test_a_shared_input_streamed_learns_both_tasks_and_resumes(shared2):
     """One encoder pass per batch for both heads, streamed over 2 workers: both tasks learn to the
     floors of ``test_ddp_two_workers_learns``; the worker that died at step 20 resumed from step 15
@@ -455,6 +456,7 @@ def test_a_shared_input_streamed_learns_both_tasks_and_resumes(shared2):
     assert summary.test_metrics["cities"]["f1"] >= 0.8
 
 
+@pytest.mark.extended  # about 45 s; keeps make test near its 15-minute budget: .ci/run runs it
 def test_a_shared_input_replicated_gives_the_engines_losses(synth, tmp_path, ray_session):
     """``data_sharding: replicated``, 1 worker: the run's first window equals the engine alone on the
     arrays of ``TokenizeInput`` (``benchmarks.common.tokenize_arrays``), to 1e-5 as the pinned

@@ -237,6 +237,7 @@ def _held_back(inner, marker: Path):
     return HeldBack()
 
 
+@pytest.mark.extended  # about 150 s (a sweep, killed, resumed): .ci/run runs it; keeps make test near 15 min
 def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(ray_session, tiny_encoder, tmp_path):
     import pandas as pd
 
