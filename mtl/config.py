@@ -235,6 +235,12 @@ class TuneSpec(_Strict):
     compare_equal: bool = False
 
 
+# serve.ingress haproxy: what Ray's processes need in their environment from their start (Serve's
+# HAProxy ingress, throughput-optimized, with handles still callable from synchronous code)
+HAPROXY_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+               "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "1"}
+
+
 class ServeSpec(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)

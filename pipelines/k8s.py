@@ -39,7 +39,7 @@ from typing import Any
 
 import yaml
 
-from mtl.config import ConfigError, RunConfig, ServeSpec, apply_overrides, load_config
+from mtl.config import HAPROXY_ENV, ConfigError, RunConfig, ServeSpec, apply_overrides, load_config
 
 STORAGE_SCHEMES = ("s3://", "gs://", "abfs://", "abfss://")
 TRACKING_SCHEMES = ("http://", "https://", "databricks")
@@ -249,8 +249,6 @@ def serve_config(cfg: RunConfig, tracking_uri: str, model: str | None = None) ->
 def ray_service(cfg: RunConfig, target: ClusterTarget) -> dict[str, Any]:
     """The RayService: the Serve config above on a cluster that autoscales one pod per replica
     between ``serve.min_replicas`` and ``serve.max_replicas``; the token from a Secret."""
-    from serve.app import HAPROXY_ENV
-
     spec = cfg.serve
     token = [{"name": spec.token_env,
               "valueFrom": {"secretKeyRef": {"name": target.token_secret, "key": TOKEN_KEY}}}]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+from mtl.config import HAPROXY_ENV
+
 # Keep a local Ray on 127.0.0.1, send no usage stats, and no progress-bar floods.
 RAY_ENV = {
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
@@ -21,14 +23,13 @@ def set_ray_env() -> None:
         os.environ.setdefault(key, value)
 
 
-# Ray Serve's ingress mode (serve.app.ingress_env): passed on to Ray's processes when set here
-SERVE_ENV = ("RAY_SERVE_ENABLE_HA_PROXY", "RAY_SERVE_THROUGHPUT_OPTIMIZED", "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP")
 
 
 def runtime_env() -> dict:
     """Environment variables every Ray worker, trial and replica gets."""
     env = {k: os.environ.get(k, v) for k, v in RAY_ENV.items()}
-    env.update({k: os.environ[k] for k in SERVE_ENV if k in os.environ})
+    # Ray Serve's ingress mode (serve.app.ingress_env): passed on to Ray's processes when set here
+    env.update({k: os.environ[k] for k in HAPROXY_ENV if k in os.environ})
     return {"env_vars": env}
 
 

@@ -526,10 +526,13 @@ def _spread(ds):
     return ds.repartition(max(2, 4 * int(ray.cluster_resources().get("CPU", 1))))
 
 
-def open_source(plan: SourcePlan, data: DataSpec, seed: int) -> RayTaskData:
-    """The task's datasets (Ray must be up): read, normalise, split, count, label; caps as the
-    plain readers cap (``max_examples`` for train, a quarter, at least 50, for the others)."""
-    task, where, spec = plan.task, plan.where, plan.task.source
+def _read_once(plan: SourcePlan, data: DataSpec, normalizer):
+    """Every part of ``plan`` read and normalised (``normalizer(fixed_split, validation_fraction,
+    test_fraction)`` gives the ``map_batches`` function), then materialised once: the checked rows
+    are kept in the object store, in blocks spread over the cluster's nodes (spilled to their disks
+    when memory is short), so the counting pass, each split and each epoch read them there instead
+    of re-reading every file."""
+    spec = plan.task.source
     pieces = []
     for part, files in plan.parts.items():
         if part == "all":
@@ -541,14 +544,18 @@ def open_source(plan: SourcePlan, data: DataSpec, seed: int) -> RayTaskData:
             test = 0.0 if spec.test else data.test_fraction
         else:
             fixed, val, test = part, 0.0, 0.0
-        pieces.append(_read(files, plan).map_batches(
-            Normalize(task.kind, spec.label_separator, where, seed, fixed, val, test),
-            batch_format="pyarrow", batch_size=4096))
+        pieces.append(_read(files, plan).map_batches(normalizer(fixed, val, test), batch_format="pyarrow",
+                                                     batch_size=4096))
     base = pieces[0].union(*pieces[1:]) if len(pieces) > 1 else pieces[0]
-    # read once: the normalised rows (idx, text, label, split) are kept in the object store, in
-    # blocks spread over the cluster's nodes (spilled to their disks when memory is short), so the
-    # counting pass, each split and each epoch read them there instead of re-reading every file
-    base = run_checked(_spread(base).materialize)
+    return run_checked(_spread(base).materialize)
+
+
+def open_source(plan: SourcePlan, data: DataSpec, seed: int) -> RayTaskData:
+    """The task's datasets (Ray must be up): read, normalise, split, count, label; caps as the
+    plain readers cap (``max_examples`` for train, a quarter, at least 50, for the others)."""
+    task, where, spec = plan.task, plan.where, plan.task.source
+    base = _read_once(plan, data, lambda fixed, val, test: Normalize(
+        task.kind, spec.label_separator, where, seed, fixed, val, test))
     counts = _count(base, task.kind)
     for split in SPLITS:
         if not counts[split].get(None):
@@ -609,23 +616,10 @@ def _count_input(ds, kinds: dict[str, str]) -> dict[str, dict[str, dict[str | No
 def open_input(plan: SourcePlan, data: DataSpec, seed: int) -> dict[str, RayTaskData]:
     """``open_source`` for a shared input (``plan_input``): one read, split and cap for all its
     tasks, one counting pass; each task a ``RayTaskData`` over the input's rows, with its label."""
-    tasks, where, spec = plan.tasks, plan.where, plan.task.source
+    tasks, where = plan.tasks, plan.where
     kinds = {t.name: t.kind for t in tasks}
     normalize = [(t.name, t.kind, t.source.label_separator, plan.label_columns[t.name]) for t in tasks]
-    pieces = []
-    for part, files in plan.parts.items():
-        if part == "all":
-            fixed, val, test = None, data.validation_fraction, data.test_fraction
-        elif part == "train" and not (spec.validation and spec.test):
-            fixed = None
-            val = 0.0 if spec.validation else data.validation_fraction
-            test = 0.0 if spec.test else data.test_fraction
-        else:
-            fixed, val, test = part, 0.0, 0.0
-        pieces.append(_read(files, plan).map_batches(NormalizeInput(normalize, where, seed, fixed, val, test),
-                                                     batch_format="pyarrow", batch_size=4096))
-    base = pieces[0].union(*pieces[1:]) if len(pieces) > 1 else pieces[0]
-    base = run_checked(_spread(base).materialize)  # read once, as open_source does
+    base = _read_once(plan, data, lambda fixed, val, test: NormalizeInput(normalize, where, seed, fixed, val, test))
     counts = _count_input(base, kinds)
     first = counts[tasks[0].name]
     for split in SPLITS:

@@ -72,7 +72,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from ray import serve
 
-from mtl.config import MlflowSpec, RunConfig, ServeSpec, load_config
+from mtl.config import HAPROXY_ENV, MlflowSpec, RunConfig, ServeSpec, load_config
 from serve.metrics import TaskMetrics
 from serve.schema import (
     ErrorResponse,
@@ -595,9 +595,6 @@ def ingress_env(spec: ServeSpec) -> dict[str, str]:
         return {}
     return dict(HAPROXY_ENV)
 
-
-HAPROXY_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
-               "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "1"}
 
 
 def haproxy_available() -> bool:

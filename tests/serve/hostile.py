@@ -1,8 +1,11 @@
-"""A corpus of hostile texts (issue 11) shared by the in-process and the real-HTTP serve tests."""
+"""A corpus of hostile texts (issue 11) shared by the in-process and the real-HTTP serve tests, and
+``roundtrip``, how every HTTP test compares a served answer with the in-process predictor's."""
 
 from __future__ import annotations
 
 import json
+
+import pytest
 
 from mtl.config import ServeSpec
 
@@ -44,3 +47,18 @@ def docs_assets(html: str) -> list[str]:
     import re
 
     return re.findall(r'<script[^>]+src="([^"]+)"', html) + re.findall(r'<link[^>]+href="([^"]+)"', html)
+
+
+def roundtrip(obj):
+    """``obj`` as it comes back through JSON, with every float matched to 1e-5 relative: labels,
+    tags, spans and structure must be equal; scores may differ in the last float digits, since the
+    replica's torch thread count (and so the order of sums) need not be the test process's."""
+    def approx(x):
+        if isinstance(x, float):
+            return pytest.approx(x, rel=1e-5, abs=1e-7)
+        if isinstance(x, dict):
+            return {k: approx(v) for k, v in x.items()}
+        if isinstance(x, list):
+            return [approx(v) for v in x]
+        return x
+    return approx(json.loads(json.dumps(obj)))

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from hostile import roundtrip
 
 pytestmark = pytest.mark.slow
 
@@ -60,16 +61,6 @@ def client(haproxy_url):
         yield c
 
 
-def _approx(x):
-    if isinstance(x, float):
-        return pytest.approx(x, rel=1e-5, abs=1e-7)
-    if isinstance(x, dict):
-        return {k: _approx(v) for k, v in x.items()}
-    if isinstance(x, list):
-        return [_approx(v) for v in x]
-    return x
-
-
 def test_answers_equal_the_in_process_predictor(client, tiny_artifact):
     from mtl.predictor import Predictor
 
@@ -77,7 +68,7 @@ def test_answers_equal_the_in_process_predictor(client, tiny_artifact):
     assert r.status_code == 200, r.text
     body = r.json()
     expected = Predictor.load(tiny_artifact).predict(TEXTS)
-    assert body["predictions"] == _approx(json.loads(json.dumps(expected)))
+    assert body["predictions"] == roundtrip(expected)
     assert r.headers["x-request-id"]  # Serve's request id, as through the Python proxy
 
 

@@ -8,7 +8,7 @@ import socket
 
 import httpx
 import pytest
-from hostile import HOSTILE, HOSTILE_SPEC, REFUSED, check_hostile_answer, docs_assets
+from hostile import HOSTILE, HOSTILE_SPEC, REFUSED, check_hostile_answer, docs_assets, roundtrip
 
 from mtl.config import ServeSpec
 
@@ -58,21 +58,6 @@ def predictor(tiny_artifact):
     from mtl.predictor import Predictor
 
     return Predictor.load(tiny_artifact)
-
-
-def roundtrip(obj):
-    """``obj`` as it comes back through JSON, with every float matched to 1e-5 relative: labels,
-    tags, spans and structure must be equal; scores may differ in the last float digits, since the
-    replica's torch thread count (and so the order of sums) need not be the test process's."""
-    def approx(x):
-        if isinstance(x, float):
-            return pytest.approx(x, rel=1e-5, abs=1e-7)
-        if isinstance(x, dict):
-            return {k: approx(v) for k, v in x.items()}
-        if isinstance(x, list):
-            return [approx(v) for v in x]
-        return x
-    return approx(json.loads(json.dumps(obj)))
 
 
 def test_all_tasks_equal_the_in_process_predictor(client, predictor):
