@@ -210,6 +210,9 @@ class TrainSpec(_Strict):
     # the same examples (small data; reproducibility checks)
     data_sharding: Literal["streaming", "replicated"] = "streaming"
     shuffle_buffer: int = Field(1024, ge=1)  # streaming: rows in each worker's local shuffle buffer
+    # streaming: batches each worker reads ahead in a background thread, across epoch ends (the next
+    # epoch's shard opens while the current one trains); 0 reads each batch in the step
+    prefetch_batches: int = Field(16, ge=0)
     # after training: fit one temperature per scored task on the validation split (mtl.calibration),
     # stored in the model's manifest, so served scores are calibrated; labels never change
     calibrate: bool = True

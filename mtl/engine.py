@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+import queue
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, fields
@@ -90,16 +92,30 @@ class StreamBatches:
     ``epoch(e)`` returns a fresh iterator over this rank's batches for epoch ``e`` (dicts of numpy
     arrays with ``input_ids``, ``attention_mask``, ``labels``), ``batches_per_epoch`` of them on
     every rank, so ranks stay in step. ``size`` is the whole split's row count (the task sampler
-    weighs tasks by it). Batches are drawn in order; a resumed run skips to its position."""
+    weighs tasks by it). Batches are drawn in order; a resumed run skips to its position.
 
-    def __init__(self, epoch: Callable[[int], Iterable[dict[str, np.ndarray]]], size: int, batches_per_epoch: int):
+    With ``prefetch`` > 0 a background thread reads up to that many batches ahead, across epoch
+    ends: the next epoch's iterator (for a Ray Data shard: a new streaming execution and a refilled
+    shuffle buffer) is opened while the step still trains on the current one, so an epoch's start
+    is not a stall. With 0, batches are read in the step (and each epoch opened when first asked)."""
+
+    def __init__(self, epoch: Callable[[int], Iterable[dict[str, np.ndarray]]], size: int, batches_per_epoch: int,
+                 prefetch: int = 0):
         if batches_per_epoch < 1:
             raise ValueError("batches_per_epoch must be at least 1")
-        self.epoch, self.size, self.per_epoch = epoch, size, batches_per_epoch
+        if prefetch < 0:
+            raise ValueError("prefetch must be at least 0")
+        self.epoch, self.size, self.per_epoch, self.prefetch = epoch, size, batches_per_epoch, prefetch
         self._it: Any = None
         self._at = (-1, 0)  # (epoch, next position) of the open iterator
+        self._reader: _Reader | None = None
 
     def batch(self, k: int) -> dict[str, np.ndarray]:
+        if self.prefetch:
+            if self._reader is None or self._reader.next_k != k:
+                self.close()
+                self._reader = _Reader(self, k)
+            return self._reader.get()
         epoch, pos = divmod(k, self.per_epoch)
         if self._it is None or self._at[0] != epoch or self._at[1] > pos:
             self._close()
@@ -107,17 +123,77 @@ class StreamBatches:
         while self._at[1] < pos:  # resuming mid-epoch: skip what was trained on
             next(self._it)
             self._at = (epoch, self._at[1] + 1)
-        out = next(self._it)
+        out = next(self._it, None)
+        if out is None:
+            raise RuntimeError(f"epoch {epoch} of this shard ended after {pos} batches; "
+                               f"{self.per_epoch} were expected")
         self._at = (epoch, pos + 1)
         if pos + 1 == self.per_epoch:
             self._close()  # the epoch is done: drain it so every rank ends it together
         return out
+
+    def close(self) -> None:
+        """Stop reading ahead (the background reader finishes the epoch it is in, so every rank
+        ends it together, and exits)."""
+        if self._reader is not None:
+            self._reader.stop()
+            self._reader = None
+        self._close()
 
     def _close(self) -> None:
         if self._it is not None:
             for _ in self._it:
                 pass
         self._it, self._at = None, (-1, 0)
+
+
+class _Reader:
+    """``StreamBatches``' background reader: batches ``k``, ``k + 1``, ... into a bounded queue,
+    epoch after epoch; an error in the source reaches the consumer at the batch it broke."""
+
+    def __init__(self, stream: StreamBatches, k: int):
+        self.stream, self.next_k = stream, k
+        self.queue: queue.Queue = queue.Queue(maxsize=stream.prefetch)
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._run, args=(k,), name="mtl-prefetch", daemon=True)
+        self.thread.start()
+
+    def get(self) -> dict[str, np.ndarray]:
+        item = self.queue.get()
+        if isinstance(item, BaseException):
+            self.stream._reader = None  # a later call starts afresh
+            raise item
+        self.next_k += 1
+        return item
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.thread.join(timeout=60)
+
+    def _put(self, item: Any) -> bool:
+        while not self.stopping.is_set():
+            try:
+                self.queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self, k: int) -> None:
+        per = self.stream.per_epoch
+        epoch, skip = divmod(k, per)
+        try:
+            while not self.stopping.is_set():
+                n = 0
+                for b in self.stream.epoch(epoch):  # always read to the end: ranks end epochs together
+                    if skip <= n < per and not self.stopping.is_set():
+                        self._put(b)
+                    n += 1
+                if n < per:
+                    raise RuntimeError(f"epoch {epoch} of this shard ended after {n} batches; {per} were expected")
+                epoch, skip = epoch + 1, 0
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer, raised there
+            self._put(e)
 
 
 class Shard:

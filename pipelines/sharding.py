@@ -64,7 +64,8 @@ def worker_data(loop) -> dict[str, dict[str, Any]]:
         per_rank = ec.batch_size // ec.grad_accum // world
         rows = loop.train_sizes[name] // world  # an equal streaming split: every shard this many rows
         out[name] = {"train": StreamBatches(_epochs(train, per_rank, min(tc.shuffle_buffer, rows), ec.seed, i, rank),
-                                            loop.train_sizes[name], max(1, math.ceil(rows / per_rank)))}
+                                            loop.train_sizes[name], max(1, math.ceil(rows / per_rank)),
+                                            prefetch=tc.prefetch_batches)}
     for t in names:
         val = ray.train.get_dataset_shard(f"{t}.validation")
         part = _materialize(val) if tc.data_sharding == "replicated" else Shard(lambda val=val: _materialize(val))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import random
+import time
 from pathlib import Path
 
 import numpy as np
@@ -422,9 +423,52 @@ def test_stream_batches_walk_epochs_in_order_and_skip_on_resume(arrays):
     assert resumed_log.opened == [2] and resumed_log.given == [4]  # 3 skipped, 1 drawn
 
 
-def test_streamed_shards_train_exactly_like_whole_arrays(encoder, arrays):
+def test_a_prefetching_stream_opens_the_next_epoch_while_the_current_one_trains(arrays):
+    """With ``prefetch``, a background reader runs ahead across the epoch end: epoch 1 is opened
+    (for a Ray Data shard: its execution started, its shuffle buffer filled) before the step has
+    taken epoch 0's last batches, so an epoch start is not a stall. The batches are the same."""
+    from mtl.engine import StreamBatches
+
+    log = EpochLog(arrays["sentiment"]["train"], 16, seed=3, task_id=0)
+    per = log.source.stream.per_epoch
+    assert per >= 6
+    stream = StreamBatches(log, size=log.source.size, batches_per_epoch=per, prefetch=4)
+    for k in range(per - 3):  # three batches of epoch 0 still to come
+        assert np.array_equal(stream.batch(k)["input_ids"], log.source.batch(k)["input_ids"])
+    deadline = time.monotonic() + 30
+    while log.opened != [0, 1] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert log.opened == [0, 1] and log.given[0] == per
+    for k in range(per - 3, 2 * per + 2):
+        assert np.array_equal(stream.batch(k)["labels"], log.source.batch(k)["labels"])
+    stream.close()
+    resumed_log = EpochLog(arrays["sentiment"]["train"], 16, seed=3, task_id=0)
+    resumed = StreamBatches(resumed_log, size=log.source.size, batches_per_epoch=per, prefetch=2)
+    k = 2 * per + 3  # a checkpoint taken 3 batches into epoch 2: skipped in the reader
+    assert np.array_equal(resumed.batch(k)["input_ids"], log.source.batch(k)["input_ids"])
+    assert resumed_log.opened[0] == 2
+    resumed.close()
+
+
+@pytest.mark.parametrize("prefetch", [0, 3])
+def test_a_shard_that_ends_early_is_an_error_at_the_batch_it_broke(prefetch):
+    from mtl.engine import StreamBatches
+
+    def short(epoch: int):  # 4 batches promised, 3 given
+        for i in range(3):
+            yield {"input_ids": np.full((2, 4), 10 * epoch + i)}
+
+    stream = StreamBatches(short, size=8, batches_per_epoch=4, prefetch=prefetch)
+    assert [int(stream.batch(k)["input_ids"][0, 0]) for k in range(3)] == [0, 1, 2]
+    with pytest.raises(RuntimeError, match="epoch 0 of this shard ended after 3 batches; 4 were expected"):
+        stream.batch(3)
+
+
+@pytest.mark.parametrize("prefetch", [0, 4])
+def test_streamed_shards_train_exactly_like_whole_arrays(encoder, arrays, prefetch):
     """Fed the same batches, the streamed path (``StreamBatches`` + ``Shard``) takes the same steps
-    as the whole-array path: the engine's only change is where its rows come from."""
+    as the whole-array path, read in the step or ahead of it: the engine's only change is where
+    its rows come from."""
     from mtl.engine import Shard, StreamBatches
 
     tasks = ["sentiment", "cities"]
@@ -432,7 +476,7 @@ def test_streamed_shards_train_exactly_like_whole_arrays(encoder, arrays):
     streamed = {}
     for i, t in enumerate(tasks):
         log = EpochLog(arrays[t]["train"], 16, seed=7, task_id=i)
-        streamed[t] = {"train": StreamBatches(log, log.source.size, log.source.stream.per_epoch),
+        streamed[t] = {"train": StreamBatches(log, log.source.size, log.source.stream.per_epoch, prefetch=prefetch),
                        "validation": Shard(lambda t=t: arrays[t]["validation"])}
     model = MultiTaskModel.from_encoder(encoder, [TASKS[t] for t in tasks], seed=7)
     b = Engine(model, streamed, a.config)
