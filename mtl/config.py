@@ -81,6 +81,7 @@ class SourceSpec(_Strict):
     # duplicates inside a split are kept there (dropping them needs a global pass)
     dedup: bool | None = None
     label_separator: str = ";"  # multi_label: how several labels are joined in one cell
+    encoding: str = "utf-8"  # csv: the files' text encoding (any Python codec name, e.g. latin-1)
     labels: list[str] | None = None  # the label list, in head order; default: the train split's labels
 
     @field_validator("path", "train", "validation", "test")
@@ -107,6 +108,16 @@ class SourceSpec(_Strict):
         if dup:
             raise ValueError(f"duplicate label(s) {dup}")
         return value
+
+    @field_validator("encoding")
+    @classmethod
+    def _codec(cls, value: str) -> str:
+        import codecs
+
+        try:
+            return codecs.lookup(value).name
+        except LookupError:
+            raise ValueError(f"unknown text encoding {value!r} (a Python codec name: utf-8, latin-1, cp1252, ...)") from None
 
     @model_validator(mode="after")
     def _check(self) -> SourceSpec:

@@ -246,7 +246,7 @@ def read_file(path: str | list[str], spec: SourceSpec, kind: str, where: str) ->
     if spec.type == "conll":
         return read_conll(path)
     if spec.type == "csv":
-        with open(path, newline="", encoding="utf-8") as fh:
+        with open(path, newline="", encoding=spec.encoding) as fh:
             records = list(csv.DictReader(fh))
     elif spec.type == "jsonl":
         records = [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]

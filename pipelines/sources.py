@@ -130,7 +130,7 @@ def resolve_files(value: str | list[str], type_: str, where: str) -> Files:
     return Files(filesystem, paths, shown)
 
 
-def file_columns(files: Files, type_: str) -> list[str] | None:
+def file_columns(files: Files, type_: str, encoding: str = "utf-8") -> list[str] | None:
     """The first file's column names (its header, schema or first JSON line); None for CoNLL."""
     path, filesystem = files.paths[0], files.filesystem
     if type_ == "parquet":
@@ -141,7 +141,7 @@ def file_columns(files: Files, type_: str) -> list[str] | None:
         from pyarrow import csv as pacsv
 
         with filesystem.open_input_stream(path, compression="detect") as stream:
-            return list(pacsv.open_csv(stream).schema.names)
+            return list(pacsv.open_csv(stream, read_options=pacsv.ReadOptions(encoding=encoding)).schema.names)
     if type_ == "jsonl":
         with filesystem.open_input_stream(path, compression="detect") as stream:
             buf = b""
@@ -191,7 +191,7 @@ def plan_source(task: TaskSpec, where: str) -> SourcePlan:
     rename: dict[str, str] = {}
     if spec.type != "conll":
         for files in parts.values():
-            cols = file_columns(files, spec.type)
+            cols = file_columns(files, spec.type, spec.encoding)
             for name in _needed(task.kind):
                 col = spec.columns.get(name, name)
                 if col not in cols:
@@ -218,7 +218,7 @@ def plan_input(tasks: list[TaskSpec], name: str, where: str) -> SourcePlan:
         label_columns[t.name] = t.source.columns.get(reader, reader)
         wanted.append((f"{where} (task {t.name!r})", reader, label_columns[t.name]))
     for files in parts.values():
-        cols = file_columns(files, spec.type)
+        cols = file_columns(files, spec.type, spec.encoding)
         for at, reader, col in wanted:
             if col not in cols:
                 shown = files.paths[0] if len(files.paths) > 1 else files.shown
@@ -375,7 +375,8 @@ def _read(files: Files, plan: SourcePlan):
         types = {col: (pa.float64() if plan.task.kind == "regression" and name == "label" else pa.string())
                  for col, name in plan.rename.items() if name in ("text", "label")}
         types.update({col: pa.float64() if kind == "regression" else pa.string() for col, kind in kinds.items()})
-        ds = ray.data.read_csv(files.paths, filesystem=fs, convert_options=pacsv.ConvertOptions(column_types=types))
+        ds = ray.data.read_csv(files.paths, filesystem=fs, convert_options=pacsv.ConvertOptions(column_types=types),
+                               read_options=pacsv.ReadOptions(encoding=spec.encoding))
     else:
         # Arrow's JSON reader reads one object per line (JSONL); Ray's lines=True path takes no filesystem
         ds = ray.data.read_json(files.paths, filesystem=fs, file_extensions=None)

@@ -231,6 +231,26 @@ def test_a_bad_row_read_by_a_worker_is_a_plain_data_error(tmp_path, ray_session,
     assert str(err.value) == "tasks.0.source: tags must be BIO (O, B-X, I-X); found 'X-city'"
 
 
+def test_a_latin1_csv_is_read_with_its_encoding(tmp_path, ray_session, tiny_encoder):
+    """``encoding: latin-1``: the accented texts come through as written (the tweets corpus in
+    DATA.md is latin-1); a codec Python does not know is refused naming the field."""
+    texts = [f"café crème n° {i} était {'très bon' if i % 2 else 'à éviter'}" for i in range(40)]
+    path = tmp_path / "tweets.csv"
+    path.write_bytes(("sentiment,confidence,text\n" + "".join(
+        f"{'positive' if i % 2 else 'negative'},0.5,{t}\n" for i, t in enumerate(texts))).encode("latin-1"))
+    task = {"name": "tweets", "kind": "sequence_classification",
+            "source": {"type": "csv", "path": str(path), "encoding": "latin-1",
+                       "columns": {"text": "text", "label": "sentiment"}}}
+    cfg = config([task], tiny_encoder)
+    assert cfg.tasks[0].source.encoding == "iso8859-1"
+    td = read_tasks(cfg)["tweets"]
+    got = split_texts(td)
+    assert sorted(got["train"] + got["validation"] + got["test"]) == sorted(texts)
+    assert td.labels == ["negative", "positive"]
+    with pytest.raises(ValueError, match=r"tasks\.0\.source\.encoding[\s\S]*unknown text encoding 'latin-9000'"):
+        config([{**task, "source": {**task["source"], "encoding": "latin-9000"}}], tiny_encoder)
+
+
 # ---------------------------------------------------------------- s3:// on a real S3-compatible server
 
 
