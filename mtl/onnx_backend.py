@@ -69,7 +69,7 @@ def export(model: MultiTaskModel, path: Path, fuse: bool = True) -> Path:
     mask = torch.ones_like(ids)
     batch, tokens = torch.export.Dim("batch", min=1), torch.export.Dim("tokens", min=2, max=4096)
     with torch.no_grad():
-        torch.onnx.export(_AllHeads(model), (ids, mask), str(path), input_names=["input_ids", "attention_mask"],
+        torch.onnx.export(_AllHeads(model).eval(), (ids, mask), str(path), input_names=["input_ids", "attention_mask"],
                           output_names=list(model.tasks), opset_version=OPSET, dynamo=True, verbose=False,
                           dynamic_shapes={"input_ids": {0: batch, 1: tokens}, "attention_mask": {0: batch, 1: tokens}})
     return path
@@ -91,7 +91,7 @@ def _export_fused(model: MultiTaskModel, path: Path) -> Path:
         axes = {0: "batch", 1: "tokens"}
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
-            torch.onnx.export(_AllHeads(model), (ids, torch.ones_like(ids)), str(raw),
+            torch.onnx.export(_AllHeads(model).eval(), (ids, torch.ones_like(ids)), str(raw),
                               input_names=["input_ids", "attention_mask"], output_names=list(model.tasks),
                               opset_version=17, dynamo=False,
                               dynamic_axes={"input_ids": axes, "attention_mask": axes})

@@ -304,6 +304,32 @@ def test_onnx_backend_gives_the_torch_answers(onnx_artifact, quick_data):
     assert graphs[0].stat().st_mtime_ns == mtime  # cached, not exported again
 
 
+def test_onnx_export_falls_back_to_the_plain_graph_when_fusion_fails(tiny_artifact, tmp_path, monkeypatch):
+    """The fusions are an optimisation: where they cannot be applied the plain (dynamo) graph is
+    exported, logged, and gives the same answers."""
+    pytest.importorskip("onnxruntime")
+    import shutil
+
+    import onnx
+
+    from mtl import onnx_backend
+
+    def unfusable(model, path):
+        raise RuntimeError("no attention fused")
+
+    monkeypatch.setattr(onnx_backend, "_export_fused", unfusable)
+    artifact = tmp_path / "model"
+    shutil.copytree(tiny_artifact, artifact)
+    texts = ["show me flights from boston to denver", "a dull film", "shares fell sharply"]
+    plain = Predictor.load(artifact, device="cpu", backend="onnx")
+    (graph,) = (artifact / "onnx").glob("*.fp32.onnx")
+    assert "Attention" not in {n.op_type for n in onnx.load(str(graph)).graph.node}
+    want = Predictor.load(artifact, device="cpu").predict(texts)
+    for w, g in zip(want, plain.predict(texts)):
+        assert g["intent"]["label"] == w["intent"]["label"]
+        assert g["topic"]["score"] == pytest.approx(w["topic"]["score"], abs=1e-4)
+
+
 def test_onnx_int8_runs_and_mostly_agrees(onnx_artifact):
     pytest.importorskip("onnxruntime")
     texts = ["show me flights from boston to denver", "a dull film", "shares fell", "book a table for two"] * 4
