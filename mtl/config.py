@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 TaskKindName = Literal[
     "sequence_classification", "token_classification", "multi_label", "regression"
 ]
-SourceType = Literal["atis", "rotten_tomatoes", "bbc", "csv", "jsonl", "parquet", "conll", "hf_disk"]
+SourceType = Literal["atis", "rotten_tomatoes", "bbc", "tweets", "csv", "jsonl", "parquet", "conll", "hf_disk"]
 
 
 class ConfigError(ValueError):
@@ -58,7 +58,7 @@ def path_list(value: PathSpec) -> list[str]:
 class SourceSpec(_Strict):
     """Where a task's examples come from.
 
-    Embedded sources (``atis``, ``rotten_tomatoes``, ``bbc``) come from PyPI data packages.
+    Embedded sources (``atis``, ``rotten_tomatoes``, ``bbc``, ``tweets``) come from PyPI data packages.
     File sources take ``path`` (split by a hash of each text) or ``train``/``validation``/``test``
     paths, and a ``columns`` mapping from the reader's names (``text``, ``label``) to the file's.
     Each path may be one file, a list, a glob or a folder, local or a pyarrow filesystem URI

