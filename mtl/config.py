@@ -141,6 +141,17 @@ class SourceSpec(_Strict):
         return [p for v in (self.path, self.train, self.validation, self.test) for p in path_list(v)]
 
 
+class AdapterSpec(_Strict):
+    """A task's own LoRA adapter (``mtl.adapters``): rank-``rank`` updates, scaled ``alpha/rank``,
+    of the query and value projections of the encoder's top ``layers`` layers, on this task's path
+    only (the shared pass and every other task are unchanged). ``adapter: lora`` takes the defaults."""
+
+    type: Literal["lora"] = "lora"
+    rank: int = Field(8, ge=1, le=256)
+    alpha: float = Field(16.0, gt=0)
+    layers: int = Field(2, ge=1)
+
+
 class TaskSpec(_Strict):
     """One task: a name, a kind, a source and its share of the training loss."""
 
@@ -155,6 +166,14 @@ class TaskSpec(_Strict):
     # tasks with the same ``input`` label the same rows: read, split and tokenized once, and one
     # encoder pass per batch feeds all their heads (e.g. ATIS intent + slots)
     input: str | None = Field(None, pattern=r"^[A-Za-z][A-Za-z0-9_]*$")
+    # a LoRA adapter of this task's own on the top encoder layers (``adapter: lora`` or a mapping
+    # of AdapterSpec's fields); trained at train.lr, with the head at train.head_lr
+    adapter: AdapterSpec | None = None
+
+    @field_validator("adapter", mode="before")
+    @classmethod
+    def _adapter_shorthand(cls, value: Any) -> Any:
+        return {"type": value} if isinstance(value, str) else value
 
     @model_validator(mode="after")
     def _check_labels(self) -> TaskSpec:
@@ -325,7 +344,8 @@ class RunConfig(_Strict):
     def _check_rules(self) -> RunConfig:
         """Every cross-field rule, checked here so a config that cannot run fails before Ray starts."""
         problems = (_objective_problems(self) + _parallel_problems(self.train)
-                    + _weighting_problems(self) + _space_problems(self) + _input_problems(self))
+                    + _weighting_problems(self) + _space_problems(self) + _input_problems(self)
+                    + _adapter_problems(self))
         if problems:
             raise RuleViolations(problems)
         return self
@@ -399,6 +419,15 @@ def _parallel_problems(tc: TrainSpec) -> list[tuple[str, str]]:
             if bad:
                 out.append((field, f"train.weighting: pcgrad {why}"))
     return out
+
+
+def _adapter_problems(cfg: RunConfig) -> list[tuple[str, str]]:
+    """An adapter re-runs top encoder layers a second time in one forward; FSDP's per-layer
+    shards are not tested with that."""
+    if cfg.train.strategy != "fsdp":
+        return []
+    return [(f"tasks.{i}.adapter", "a LoRA adapter needs train.strategy: ddp (FSDP with adapters is not supported)")
+            for i, t in enumerate(cfg.tasks) if t.adapter]
 
 
 def _weighting_problems(cfg: RunConfig) -> list[tuple[str, str]]:

@@ -244,7 +244,7 @@ class TrainModule(nn.Module):
     ``forward(batches)`` -> (weighted total loss, per-task losses); ``forward(batches, logits=True)``
     -> per-task logits. ``batches`` maps a task to its batch, or a shared input to its batch with
     one labels tensor per task (``{task: labels}``): one encoder pass then feeds every head of the
-    input. Heads (and log-variances) of tasks not in this step join the graph with a zero factor,
+    input. Heads, adapters (and log-variances) of tasks not in this step join the graph with a zero factor,
     so DDP needs no unused-parameter search."""
 
     def __init__(self, model: MultiTaskModel, weighting: LossWeighting):
@@ -265,7 +265,7 @@ class TrainModule(nn.Module):
             return out
         losses = {t: self.model.kinds[t].loss(out[t], labels[t]) for t in out}
         total = self.weighting(losses)
-        unused = [p for t, h in self.model.heads.items() if t not in out
+        unused = [p for part in (self.model.heads, self.model.adapters) for t, h in part.items() if t not in out
                   for p in h.parameters() if p.requires_grad]
         unused += self.weighting.unused_parameters(list(out))
         if unused:
@@ -274,7 +274,8 @@ class TrainModule(nn.Module):
 
 
 def param_groups(module: nn.Module, lr: float, head_lr: float, weight_decay: float) -> list[dict]:
-    """AdamW groups: encoder with/without decay at ``lr``; heads and loss weights at ``head_lr``."""
+    """AdamW groups: encoder (and LoRA adapters) with/without decay at ``lr``; heads and loss
+    weights at ``head_lr``."""
     groups: dict[tuple[bool, bool], list] = {}
     for name, p in module.named_parameters():
         if not p.requires_grad:

@@ -6,6 +6,7 @@ Artifact layout (a directory, no pickle; loadable without Ray or MLflow)::
     encoder/             the encoder, save_pretrained (config.json + model.safetensors)
     tokenizer/           the fast tokenizer files
     heads.safetensors    every head's weights, keys "<task>.<param>"
+    adapters.safetensors tasks with ``adapter: lora`` only: their LoRA matrices (mtl.adapters)
 """
 
 from __future__ import annotations
@@ -21,9 +22,11 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
+from mtl.adapters import TaskAdapter, capture_layer_inputs
 from mtl.tasks import TaskKind, make_kind
 
 FORMAT = "mtl-ray/1"
+ADAPTERS_FILE = "adapters.safetensors"
 hf_logging.disable_progress_bar()  # no per-load progress bars in worker and replica logs
 
 
@@ -38,6 +41,7 @@ class TaskInfo:
     pooling: str = "mean"
     head_dropout: float = 0.1
     temperature: float = 1.0  # scores are softmax/sigmoid of logits / temperature (mtl.calibration)
+    adapter: dict[str, Any] | None = None  # {"type": "lora", "rank", "alpha", "layers"} (mtl.adapters)
 
     def make_kind(self) -> TaskKind:
         return make_kind(self.kind, self.labels)
@@ -55,6 +59,7 @@ class MultiTaskModel(nn.Module):
         self.heads = nn.ModuleDict({
             t.name: self.kinds[t.name].build_head(hidden, t.head_dropout, t.pooling) for t in tasks
         })
+        self.adapters = nn.ModuleDict({t.name: _adapter(encoder, t) for t in tasks if t.adapter})
 
     @classmethod
     def from_encoder(cls, encoder_dir: str | Path, tasks: list[TaskInfo], seed: int = 0) -> MultiTaskModel:
@@ -76,11 +81,13 @@ class MultiTaskModel(nn.Module):
             self.tasks[t.name] = t
             self.kinds[t.name] = t.make_kind()
             self.heads[t.name] = self.kinds[t.name].build_head(hidden, t.head_dropout, t.pooling)
+            if t.adapter:
+                self.adapters[t.name] = _adapter(self.encoder, t)
         return self
 
     def freeze_except(self, tasks: list[str]) -> None:
-        """Only the heads of ``tasks`` stay trainable: the encoder and every other head get
-        ``requires_grad = False`` (optimizers and DDP then leave them alone)."""
+        """Only the heads (and adapters) of ``tasks`` stay trainable: the encoder and every other
+        head get ``requires_grad = False`` (optimizers and DDP then leave them alone)."""
         unknown = [t for t in tasks if t not in self.heads]
         if unknown:
             raise KeyError(f"no head for task(s) {unknown}; this model has {list(self.heads)}")
@@ -89,6 +96,9 @@ class MultiTaskModel(nn.Module):
         for t in tasks:
             for p in self.heads[t].parameters():
                 p.requires_grad_(True)
+            if t in self.adapters:
+                for p in self.adapters[t].parameters():
+                    p.requires_grad_(True)
 
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Token states [B, T, H]."""
@@ -96,9 +106,20 @@ class MultiTaskModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 tasks: list[str] | None = None) -> dict[str, torch.Tensor]:
-        hidden = self.encode(input_ids, attention_mask)
+        """One shared encoder pass for every task asked for; a task with an adapter re-runs the
+        top layers its adapter covers, from that pass's state below them."""
         names = tasks if tasks is not None else list(self.heads)
-        return {name: self.heads[name](hidden, attention_mask) for name in names}
+        adapted = [n for n in names if n in self.adapters]
+        if not adapted:
+            hidden = self.encode(input_ids, attention_mask)
+            return {name: self.heads[name](hidden, attention_mask) for name in names}
+        with capture_layer_inputs(self.encoder, {self.adapters[n].first for n in adapted}) as captured:
+            hidden = self.encode(input_ids, attention_mask)
+        out = {}
+        for name in names:
+            own = self.adapters[name].run(self.encoder, captured[self.adapters[name].first]) if name in adapted else hidden
+            out[name] = self.heads[name](own, attention_mask)
+        return out
 
     # ------------------------------------------------------------- artifact
 
@@ -118,9 +139,13 @@ class MultiTaskModel(nn.Module):
         state = state_dict if state_dict is not None else self.state_dict()
         enc = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
         heads = {k[len("heads."):]: v.detach().cpu().contiguous() for k, v in state.items() if k.startswith("heads.")}
+        adapters = {k[len("adapters."):]: v.detach().cpu().contiguous() for k, v in state.items()
+                    if k.startswith("adapters.")}
         self.encoder.save_pretrained(path / "encoder", state_dict=enc, safe_serialization=True)
         tokenizer.save_pretrained(str(path / "tokenizer"))
         save_file(heads, str(path / "heads.safetensors"))
+        if adapters:
+            save_file(adapters, str(path / ADAPTERS_FILE))
         (path / "manifest.json").write_text(json.dumps(self.manifest(extra), indent=2))
         return path
 
@@ -134,8 +159,18 @@ class MultiTaskModel(nn.Module):
         encoder = AutoModel.from_pretrained(str(path / "encoder"), config=config, add_pooling_layer=False)
         model = cls(encoder, tasks)
         model.heads.load_state_dict(load_file(str(path / "heads.safetensors")), strict=True)
+        if len(model.adapters):
+            model.adapters.load_state_dict(load_file(str(path / ADAPTERS_FILE)), strict=True)
         tokenizer = AutoTokenizer.from_pretrained(str(path / "tokenizer"))
         return model.to(device).eval(), tokenizer
+
+
+def _adapter(encoder: nn.Module, task: TaskInfo) -> TaskAdapter:
+    spec = dict(task.adapter or {})
+    kind = spec.pop("type", "lora")
+    if kind != "lora":
+        raise ValueError(f"task {task.name!r}: adapter type {kind!r} is not known (lora)")
+    return TaskAdapter(encoder, **spec)
 
 
 def read_manifest(path: str | Path) -> dict[str, Any]:

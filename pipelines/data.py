@@ -107,7 +107,8 @@ def read_tasks(cfg: RunConfig) -> dict[str, TaskData]:
 
 def task_infos(cfg: RunConfig, data: dict[str, TaskData]) -> list[TaskInfo]:
     return [
-        TaskInfo(t.name, t.kind, data[t.name].labels, cfg.max_length(t), t.pooling, t.head_dropout)
+        TaskInfo(t.name, t.kind, data[t.name].labels, cfg.max_length(t), t.pooling, t.head_dropout,
+                 adapter=t.adapter.model_dump() if t.adapter else None)
         for t in cfg.tasks
     ]
 
