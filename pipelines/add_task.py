@@ -17,8 +17,10 @@ calibration, card, MLflow model, registry). The MLflow run is a child of the bas
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -31,6 +33,7 @@ from mtl.config import ConfigError, RunConfig
 from mtl.readers import TaskData
 from pipelines.publish import MODEL_DIR, RunResult
 
+BASE_FILE = "base.json"  # the reference given and the version it was pinned to, for --resume
 _MODEL = re.compile(r"^models:/(?P<name>[^/@]+)[/@]")
 _RUN = re.compile(r"^runs:/(?P<run_id>[^/]+)/")
 
@@ -72,6 +75,21 @@ def resolve_base(reference: str, tracking_uri: str, dst: Path) -> Base:
     run = _RUN.match(reference)
     local = local_artifact(reference, tracking_uri, dst=str(dst) if run else None)
     return Base(reference, local, run_id=run["run_id"] if run else None)
+
+
+def resumed_base(folder, given: str) -> str:
+    """The base an add-task run started from, pinned (``models:/<name>/<version>`` for a registry
+    reference), as recorded in its folder; ``given`` must be the reference it was started with."""
+    folder.fetch(BASE_FILE)
+    path = folder.local / BASE_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"--resume: {folder.where} holds no {BASE_FILE}: it is not an add-task run")
+    recorded = json.loads(path.read_text())
+    if recorded["given"] != given:
+        raise ConfigError(f"--base: {given!r} but the run being resumed ({folder.where}) grew {recorded['given']!r}; "
+                          "resume with the same --base")
+    print(f"[add-task] resuming {folder.where} on {recorded['pinned']} (the base it started from)", flush=True)
+    return recorded["pinned"]
 
 
 def check_new_tasks(cfg: RunConfig, base: Base) -> None:
@@ -117,11 +135,14 @@ def stage_artifact(checkpoint, base_dir: Path, dest: Path, new_tasks: list[str])
     return dest
 
 
-def add_task(cfg: RunConfig, base: str, register: bool = True, data: dict[str, TaskData] | None = None) -> RunResult:
+def add_task(cfg: RunConfig, base: str, register: bool = True, data: dict[str, TaskData] | None = None,
+             resume: bool = False) -> RunResult:
     """Train the config's (new) tasks' heads on the frozen base model and publish base + new heads
     as a new model (a ``RunResult``, mode "train"). With MLflow on and ``register``, the result is
     a new version of ``mlflow.registered_model`` (default: the base's registered name) and
-    ``champion`` points at it."""
+    ``champion`` points at it. ``resume`` continues the latest add-task run of this name from its
+    last checkpoint, on the base it started from (an alias is not looked up again: it may have
+    moved, for instance to this run's own first result)."""
     from ray.train import Checkpoint
 
     from pipelines import publish, tracking
@@ -132,16 +153,24 @@ def add_task(cfg: RunConfig, base: str, register: bool = True, data: dict[str, T
 
     check_train_config(cfg)
     t0 = time.time()
-    folder = publish.run_dir(cfg, resume=False)
+    folder = publish.run_dir(cfg, resume=resume)
     folder.local.mkdir(parents=True, exist_ok=True)
     uri = tracking.absolute_tracking_uri(cfg.mlflow.tracking_uri)
-    fetched = folder.local / "base"
+    fetched = Path(tempfile.mkdtemp(prefix="mtl-ray-base-")) / "base"  # not in the run folder, which is synced
+    given = base
+    if resume:
+        base = resumed_base(folder, base)
     try:
         found = resolve_base(base, uri, fetched)
         check_new_tasks(cfg, found)
     except Exception:
-        shutil.rmtree(folder.local, ignore_errors=True)
+        shutil.rmtree(fetched.parent, ignore_errors=True)
+        if not resume:
+            shutil.rmtree(folder.local, ignore_errors=True)
         raise
+    if not resume:
+        pin = f"models:/{found.registered_name}/{found.version}" if found.version else base
+        (folder.local / BASE_FILE).write_text(json.dumps({"given": given, "pinned": pin}))
     mlflow_cfg = cfg.mlflow
     if "registered_model" not in mlflow_cfg.model_fields_set and found.registered_name:
         mlflow_cfg = mlflow_cfg.model_copy(update={"registered_model": found.registered_name})
@@ -152,13 +181,17 @@ def add_task(cfg: RunConfig, base: str, register: bool = True, data: dict[str, T
     init_ray(min_cpus=required_cpus(cfg))
     check_resources(cfg)
     run_id = None
-    if cfg.mlflow.enabled:
+    if resume and cfg.mlflow.enabled and (folder.local / publish.RUN_ID_FILE).exists():
+        tracking.setup(cfg)
+        run_id = (folder.local / publish.RUN_ID_FILE).read_text().strip()
+    elif cfg.mlflow.enabled:
         tags = {"mtl_ray.stage": "add-task", "mtl_ray.base_model": base,
                 "mtl_ray.new_tasks": ",".join(new), "mtl_ray.frozen_tasks": ",".join(found.tasks)}
         if found.version:
             tags["mtl_ray.base_model_version"] = str(found.version)
         run_id = tracking.start_run(cfg, f"{cfg.name}/add-task/{folder.name}", parent_run_id=found.run_id, tags=tags)
         (folder.local / publish.RUN_ID_FILE).write_text(run_id)
+    folder.sync()  # base.json and the run id, for a --resume on another machine
     shown = f"{base} (version {found.version})" if found.version else base
     print(f"[add-task] {shown}: tasks {list(found.tasks)} frozen; training {new} on "
           f"{cfg.train.num_workers} worker(s), outputs in {folder.where}", flush=True)
@@ -185,7 +218,7 @@ def add_task(cfg: RunConfig, base: str, register: bool = True, data: dict[str, T
         raise
     finally:
         shutil.rmtree(folder.local / "staged", ignore_errors=True)
-        shutil.rmtree(fetched, ignore_errors=True)
+        shutil.rmtree(fetched.parent, ignore_errors=True)
     last = result.metrics or {}
     run = publish.record(RunResult(
         mode="train", run_dir=folder.where,

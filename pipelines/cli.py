@@ -67,7 +67,8 @@ def cmd_add_task(args) -> int:
     The config's ``model.encoder`` is replaced by the base's, so its package is not required."""
     from pipelines.add_task import add_task
 
-    result = add_task(load_config(args.config, args.overrides), args.base, register=not args.no_register)
+    result = add_task(load_config(args.config, args.overrides), args.base, register=not args.no_register,
+                      resume=args.resume)
     print(json.dumps({**result.summary(), "base": args.base}, indent=2, default=str))
     return 0
 
@@ -146,6 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "runs:/<id>/model, an artifact directory or an object-storage URI")
     p.add_argument("--no-register", action="store_true", help="do not register the result (it is still logged "
                    "to MLflow when mlflow.enabled)")
+    p.add_argument("--resume", action="store_true", help="continue the last add-task run of this name from its "
+                   "last checkpoint, on the base version it started from")
     p.set_defaults(func=cmd_add_task)
 
     p = with_config(sub.add_parser("evaluate", help="metrics of a model artifact on the config's test (or other) split"))

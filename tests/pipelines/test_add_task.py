@@ -163,3 +163,33 @@ def test_add_tasks_and_freeze_in_process(tiny_encoder):
     model.freeze_except(["new"])
     trainable = {id(p) for p in model.heads["new"].parameters()}
     assert {id(p) for g in param_groups(model, 1e-3, 1e-2, 0.01) for p in g["params"]} == trainable
+
+
+def test_a_stopped_add_task_resumes_on_the_base_it_started_from(grown, synth):  # noqa: F811
+    """``--resume`` continues the last add-task run of the name from its checkpoint, on the base
+    version recorded when it started: the alias it was given has moved meanwhile (to the stopped
+    run's own result, which already holds the new task), and is not looked up again. A different
+    ``--base`` is refused."""
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.add_task import add_task
+
+    _, _, _, _, tmp = grown
+    uri = f"sqlite:///{tmp}/mlflow.db"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    client.set_registered_model_alias(REGISTERED, "champion", "1")  # the sentiment-only base again
+    raw = raw_config(synth, tmp, "cities", lr=1e-12, head_lr=1e-12, patience=1, max_steps=60)
+    raw["name"] = "grow-resume"
+    cfg = config_from_dict(raw)
+    first = add_task(cfg, BASE)  # no improvement after the first evaluation: stops at step 40
+    assert first.stopped_early and first.steps == 40
+    assert str(client.get_model_version_by_alias(REGISTERED, "champion").version) == str(first.registered_version) == "3"
+    with pytest.raises(ConfigError, match="resume with the same --base"):
+        add_task(cfg, f"models:/{REGISTERED}/1", resume=True)
+    cfg.train.patience = None
+    resumed = add_task(cfg, BASE, resume=True)
+    assert resumed.run_dir == first.run_dir and resumed.steps == 60
+    assert [h["step"] for h in resumed.history] == [20, 40, 60]
+    assert resumed.mlflow_run_id == first.mlflow_run_id
+    assert str(resumed.registered_version) == "4"
+    assert client.get_run(resumed.mlflow_run_id).data.tags["mtl_ray.base_model_version"] == "1"
