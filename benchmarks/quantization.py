@@ -259,7 +259,8 @@ def main(argv: list[str] | None = None) -> dict:
                note="labels/tags differing from torch fp32 on the speed texts"),
     ], notes=[
         "torch int8 = torch.ao.quantization.quantize_dynamic of the encoder's Linear layers (mtl.predictor); "
-        "ONNX = torch.onnx.export (dynamo) of encoder + all heads, ONNX Runtime CPU provider; ONNX int8 = "
+        "ONNX = encoder + all heads traced with eager attention (TorchScript exporter) and ONNX Runtime's BERT "
+        "fusions (Attention, EmbedLayerNormalization, SkipLayerNormalization, BiasGelu), CPU provider; ONNX int8 = "
         "onnxruntime.quantization.quantize_dynamic (QInt8 weights) (mtl.onnx_backend).",
         "Every backend runs on CPU at the same thread count; speed is the best of the passes.",
         "Texts are the test sets interleaved (ATIS queries, Rotten Tomatoes reviews, BBC articles).",
