@@ -347,6 +347,7 @@ def test_killed_worker_resumes_from_last_checkpoint_in_object_storage(synth, tmp
     assert predictor.predict(["a truly excellent day"], ["sentiment"])[0]["sentiment"]["label"] in ("pos", "neg")
 
 
+@pytest.mark.extended  # about 130 s (two fits); keeps make test under its 15-minute budget: .ci/run runs it
 def test_early_stop_keeps_best_and_a_stopped_run_resumes(synth, tmp_path, ray_session):
     """With a learning rate of ~0 the objective never improves: patience 1 stops at the second
     evaluation and the kept model is the first one's. `--resume` then continues that run from its
