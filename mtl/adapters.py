@@ -19,6 +19,7 @@ hook on each projection that acts only while an adapter re-runs its layers.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any
 
@@ -79,49 +80,45 @@ class TaskAdapter(nn.Module):
             raise ValueError(f"adapter rank must be at least 1; got {rank}")
         self.first = len(stack) - layers
         self.lora = nn.ModuleDict()
+        targets = []  # (projection, its LoRA key), found once: forward does not walk the layers again
         for i in range(self.first, len(stack)):
             for name, proj in _projections(stack[i]).items():
-                self.lora[f"{i}_{name.rsplit('.', 1)[-1]}"] = LoRA(proj.in_features, proj.out_features, rank, alpha)
+                key = f"{i}_{name.rsplit('.', 1)[-1]}"
+                self.lora[key] = LoRA(proj.in_features, proj.out_features, rank, alpha)
+                targets.append((proj, key))
                 if not proj.__dict__.get("_mtl_lora_hooked"):
                     proj.register_forward_hook(_lora_hook)
                     proj.__dict__["_mtl_lora_hooked"] = True
+        self.__dict__["_targets"] = targets  # the encoder's modules: referenced, not registered here
 
     def run(self, encoder: nn.Module, captured: tuple[tuple, dict[str, Any]]) -> torch.Tensor:
         """The top layers again, with this adapter's updates, from ``captured`` (the positional and
         keyword arguments layer ``first`` got in the shared pass); the last layer's hidden states."""
         stack = encoder_layers(encoder)
         args, kwargs = captured
-        projs = {i: _projections(stack[i]) for i in range(self.first, len(stack))}
         try:
-            for i, found in projs.items():
-                for name, proj in found.items():
-                    proj.__dict__[_DELTA] = self.lora[f"{i}_{name.rsplit('.', 1)[-1]}"]
+            for proj, key in self._targets:
+                proj.__dict__[_DELTA] = self.lora[key]
             hidden = args[0]
             for i in range(self.first, len(stack)):
                 out = stack[i](hidden, *args[1:], **kwargs)
                 hidden = out[0] if isinstance(out, tuple) else out
             return hidden
         finally:
-            for found in projs.values():
-                for proj in found.values():
-                    proj.__dict__.pop(_DELTA, None)
+            for proj, _ in self._targets:
+                proj.__dict__.pop(_DELTA, None)
 
 
+@contextlib.contextmanager
 def capture_layer_inputs(encoder: nn.Module, firsts: set[int]):
-    """A context: while it is open, the positional and keyword arguments of encoder layers
-    ``firsts`` are kept in the dict it yields (layer index -> (args, kwargs))."""
-    import contextlib
-
-    @contextlib.contextmanager
-    def ctx():
-        stack = encoder_layers(encoder)
-        store: dict[int, tuple[tuple, dict[str, Any]]] = {}
-        handles = [stack[i].register_forward_pre_hook(
-            lambda m, args, kwargs, i=i: store.__setitem__(i, (args, dict(kwargs))), with_kwargs=True) for i in firsts]
-        try:
-            yield store
-        finally:
-            for h in handles:
-                h.remove()
-
-    return ctx()
+    """While open, the positional and keyword arguments of encoder layers ``firsts`` are kept in
+    the dict it yields (layer index -> (args, kwargs))."""
+    stack = encoder_layers(encoder)
+    store: dict[int, tuple[tuple, dict[str, Any]]] = {}
+    handles = [stack[i].register_forward_pre_hook(
+        lambda m, args, kwargs, i=i: store.__setitem__(i, (args, dict(kwargs))), with_kwargs=True) for i in firsts]
+    try:
+        yield store
+    finally:
+        for h in handles:
+            h.remove()

@@ -3,6 +3,7 @@ and one local Ray per test session (Ray start-up costs seconds)."""
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -164,3 +165,18 @@ class PoisonedModel:
 @pytest.fixture(scope="session")
 def poisoned_model():
     return PoisonedModel
+
+
+def roundtrip(obj):
+    """``obj`` as it comes back through JSON, with every float matched to 1e-5 relative: labels,
+    tags, spans and structure must be equal; scores may differ in the last float digits, since the
+    replica's torch thread count (and so the order of sums) need not be the test process's."""
+    def approx(x):
+        if isinstance(x, float):
+            return pytest.approx(x, rel=1e-5, abs=1e-7)
+        if isinstance(x, dict):
+            return {k: approx(v) for k, v in x.items()}
+        if isinstance(x, list):
+            return [approx(v) for v in x]
+        return x
+    return approx(json.loads(json.dumps(obj)))

@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
+from conftest import roundtrip
 
 from mtl.config import load_config
 from pipelines.cli import main
@@ -271,22 +272,6 @@ def test_service_serve_config_deploys_like_kuberay_and_serves_the_predictor(tmp_
             assert r.status_code == 200, r.text
             assert r.json()["model"] == str(tiny_artifact)
             expected = Predictor.load(tiny_artifact).predict(TEXTS)
-            assert r.json()["predictions"] == approx(expected)
+            assert r.json()["predictions"] == roundtrip(expected)
     finally:
         serve.shutdown()
-
-
-def approx(obj):
-    """``obj`` after a JSON round trip with floats matched to 1e-5 relative (the replica's torch
-    thread count, and so the order of sums, need not be the test process's)."""
-    import json
-
-    def walk(x):
-        if isinstance(x, float):
-            return pytest.approx(x, rel=1e-5, abs=1e-7)
-        if isinstance(x, dict):
-            return {k: walk(v) for k, v in x.items()}
-        if isinstance(x, list):
-            return [walk(v) for v in x]
-        return x
-    return walk(json.loads(json.dumps(obj)))

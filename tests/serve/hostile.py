@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-import pytest
+from conftest import roundtrip  # noqa: F401 (re-exported: the serve tests import it from here)
 
 from mtl.config import ServeSpec
 
@@ -49,16 +49,3 @@ def docs_assets(html: str) -> list[str]:
     return re.findall(r'<script[^>]+src="([^"]+)"', html) + re.findall(r'<link[^>]+href="([^"]+)"', html)
 
 
-def roundtrip(obj):
-    """``obj`` as it comes back through JSON, with every float matched to 1e-5 relative: labels,
-    tags, spans and structure must be equal; scores may differ in the last float digits, since the
-    replica's torch thread count (and so the order of sums) need not be the test process's."""
-    def approx(x):
-        if isinstance(x, float):
-            return pytest.approx(x, rel=1e-5, abs=1e-7)
-        if isinstance(x, dict):
-            return {k: approx(v) for k, v in x.items()}
-        if isinstance(x, list):
-            return [approx(v) for v in x]
-        return x
-    return approx(json.loads(json.dumps(obj)))
