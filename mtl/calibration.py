@@ -11,7 +11,10 @@ What is calibrated, per kind: sequence classification (softmax over labels); tok
 label's sigmoid as a yes/no event). Regression has no scores.
 
 Expected calibration error (ECE, 15 equal-width confidence bins): the mean |accuracy - confidence|
-over bins, weighted by how many predictions fall in each.
+over bins, weighted by how many predictions fall in each. On a finite split ECE is never 0, even for
+a perfectly calibrated model: ``ece_floor`` is what such a model, with the same confidences, scores
+on a split of this size (the mean over simulated outcomes). An ECE at or under its floor is as
+calibrated as the split can show; halving it from there measures noise, not calibration.
 """
 
 from __future__ import annotations
@@ -109,6 +112,15 @@ def ece(conf: np.ndarray, correct: np.ndarray, bins: int = BINS) -> float:
     return float(total)
 
 
+def ece_floor(conf: np.ndarray, bins: int = BINS, draws: int = 200, seed: int = 0) -> float:
+    """The mean ECE of a perfectly calibrated model with confidences ``conf``: each prediction is
+    right with probability its confidence (outcomes drawn ``draws`` times, seeded)."""
+    if len(conf) == 0:
+        return 0.0
+    rng = np.random.default_rng(seed)
+    return float(np.mean([ece(conf, rng.random(len(conf)) < conf, bins) for _ in range(draws)]))
+
+
 def reliability(conf: np.ndarray, correct: np.ndarray, bins: int = BINS) -> list[dict[str, float]]:
     """Per non-empty bin: its range, count, mean confidence and accuracy (the diagram's data)."""
     edges = np.linspace(0.0, 1.0, bins + 1)
@@ -164,7 +176,8 @@ def task_events(model, tokenizer, task: str, rows: list[dict[str, Any]], batch_s
 def calibrate(model, tokenizer, validation: dict[str, list[dict]], test: dict[str, list[dict]] | None = None,
               batch_size: int = 128, plots: str | Path | None = None) -> dict[str, dict[str, Any]]:
     """Fit each scored task's temperature on ``validation`` and set it on ``model.tasks[t]``; per
-    task: temperature and ECE before/after on validation (and on ``test`` when given); with
+    task: temperature and ECE before/after on validation (and on ``test`` when given, with the
+    ECE a perfectly calibrated model would show there, ``test_ece_floor``); with
     ``plots``, a reliability diagram ``<plots>/reliability_<task>.png`` on test (else validation)."""
     out = {}
     for task, rows in validation.items():
@@ -178,8 +191,9 @@ def calibrate(model, tokenizer, validation: dict[str, list[dict]], test: dict[st
         shown = val
         if test and task in test:
             shown = task_events(model, tokenizer, task, test[task], batch_size)
-            res.update(test_ece_before=ece(*confidences(shown)), test_ece_after=ece(*confidences(shown, t)),
-                       test_n=len(shown.logits))
+            after = confidences(shown, t)
+            res.update(test_ece_before=ece(*confidences(shown)), test_ece_after=ece(*after),
+                       test_ece_floor=ece_floor(after[0]), test_n=len(shown.logits))
         if plots is not None:
             res["plot"] = str(reliability_diagram(task, confidences(shown), confidences(shown, t), t,
                                                   Path(plots) / f"reliability_{task}.png"))

@@ -259,7 +259,7 @@ def publish_model(cfg: RunConfig, checkpoint, data: dict[str, TaskData], dest: P
     out = Published(dest, test, calibration)
     for t, c in calibration.items():
         print(f"[publish] {t}: temperature {c['temperature']:.3f}, test ECE {c.get('test_ece_before', 0):.4f} -> "
-              f"{c.get('test_ece_after', 0):.4f}", flush=True)
+              f"{c.get('test_ece_after', 0):.4f} (a perfectly calibrated model: {c.get('test_ece_floor', 0):.4f})", flush=True)
     if run_id:
         from mlflow.tracking import MlflowClient
 
@@ -268,7 +268,8 @@ def publish_model(cfg: RunConfig, checkpoint, data: dict[str, TaskData], dest: P
         client = MlflowClient()
         tracking.log_test_results(run_id, test)
         for t, c in calibration.items():
-            for k in ("temperature", "test_ece_before", "test_ece_after", "validation_ece_before", "validation_ece_after"):
+            for k in ("temperature", "test_ece_before", "test_ece_after", "test_ece_floor", "validation_ece_before",
+                      "validation_ece_after"):
                 if k in c:
                     client.log_metric(run_id, f"calibration/{t}/{k}", float(c[k]))
             if c.get("plot"):

@@ -98,20 +98,20 @@ class TokenClassification(TaskKind):
         One tag per word up to the last word that has a token: a word the tokenizer drops entirely
         (a zero-width space, a control character, a lone combining mark) is "O" with probability
         1, so tags stay aligned with words. Words past the truncation cut get no tag."""
-        probs = torch.softmax(logits.float(), -1)
         first: dict[int, int] = {}
         for pos, wid in enumerate(word_ids):
             if wid is not None and wid not in first:
                 first[wid] = pos
+        if not first:
+            return [], []
+        # one softmax over the first-subword rows only (softmax is row-wise: the same numbers)
+        p, i = torch.softmax(logits[list(first.values())].float(), -1).max(-1)
+        best = dict(zip(first, zip(i.tolist(), p.tolist())))
         tags, scores = [], []
-        for wid in range(max(first) + 1 if first else 0):
-            if wid in first:
-                p, i = probs[first[wid]].max(-1)
-                tags.append(self.labels[int(i)])
-                scores.append(float(p))
-            else:
-                tags.append("O")
-                scores.append(1.0)
+        for wid in range(max(first) + 1):
+            label, prob = best.get(wid, (None, 1.0))
+            tags.append("O" if label is None else self.labels[label])
+            scores.append(prob)
         return tags, scores
 
     def decode(self, logits, words, spans, word_ids, text, top_k) -> dict[str, Any]:

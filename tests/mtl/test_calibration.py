@@ -9,7 +9,15 @@ import numpy as np
 import pytest
 import torch
 
-from mtl.calibration import Events, calibrate, confidences, ece, fit_temperature, reliability
+from mtl.calibration import (
+    Events,
+    calibrate,
+    confidences,
+    ece,
+    ece_floor,
+    fit_temperature,
+    reliability,
+)
 
 
 def _overconfident(n: int = 4000, classes: int = 4, true_t: float = 3.0, seed: int = 0) -> Events:
@@ -46,6 +54,22 @@ def test_ece_by_hand():
     # bin (0.933, 1.0]: |0.5 - 0.95| * 2/4; bin (0.533, 0.6]: |1.0 - 0.55| * 2/4
     assert ece(conf, correct) == pytest.approx(0.5 * 0.45 + 0.5 * 0.45)
     assert [b["n"] for b in reliability(conf, correct)] == [2, 2]
+
+
+def test_ece_floor_is_what_a_perfectly_calibrated_model_scores_on_a_split_this_size():
+    """Outcomes drawn right with probability their confidence: their ECE sits near the floor, an
+    over-confident model's far above it, and the floor shrinks as the split grows (about 1/sqrt(n))."""
+    rng = np.random.default_rng(3)
+    conf = rng.uniform(0.5, 1.0, 900)
+    floor = ece_floor(conf)
+    assert 0.01 < floor < 0.05
+    honest = [ece(conf, rng.random(900) < conf) for _ in range(50)]
+    assert 0.5 * floor < float(np.median(honest)) < 1.5 * floor
+    assert ece(conf, rng.random(900) < conf - 0.15) > 4 * floor  # 15 points over-confident
+    big = ece_floor(np.tile(conf, 16))
+    assert 0.15 * floor < big < 0.4 * floor  # 16x the rows: about a quarter of the floor
+    assert ece_floor(conf) == floor  # seeded
+    assert ece_floor(np.array([])) == 0.0
 
 
 def test_calibrate_sets_temperatures_and_the_predictor_uses_them(tiny_artifact, quick_data, tmp_path):

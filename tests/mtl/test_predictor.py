@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import roundtrip
 from transformers import AutoTokenizer
 
 from mtl.encoding import tokenize_words
@@ -122,6 +123,27 @@ def test_load_from_artifact(tiny_artifact, quick_data):
     q = Predictor.load(tiny_artifact, device="cpu", quantize=True)
     [o] = q.predict(["show me flights"], tasks=["slots"])
     assert len(o["slots"]["tags"]) == 3
+
+
+def test_reading_only_the_words_before_the_cut_gives_the_full_tokenization(predictor):
+    """The predictor tokenizes a long text's first ``length`` words only: ids, mask and word ids are
+    those of tokenizing every word, also when words before the cut give no token (then the row is
+    tokenized again whole), and the answers are those of the whole text."""
+    zw = "\u200b"
+    texts = [" ".join(["boston"] * 300),                                  # 300 words: cut at 24
+             " ".join([zw] * 30 + ["fly", "to", "denver"] * 10),          # 30 tokenless words first
+             "a " + " ".join([zw, "b"] * 20),                             # tokenless words between
+             "fly to boston", " ".join(["x"] * 23) + " " + zw + " y z"]  # around the cut
+    words = [t.split() for t in texts]
+    for length in (8, 24):
+        full = tokenize_words(predictor.tokenizer, words, length, padding="longest")
+        got = predictor._tokenize(words, length)
+        assert got["input_ids"] == full["input_ids"] and got["attention_mask"] == full["attention_mask"]
+        assert [got.word_ids(i) for i in range(len(texts))] == [full.word_ids(i) for i in range(len(texts))]
+    out = predictor.predict(texts)
+    for text, o in zip(texts, out):  # alone, a text is padded less: scores agree to float rounding
+        assert o == roundtrip(predictor.predict([text])[0])
+    assert len(out[1]["slots"]["tags"]) == 30 + 22  # 30 "O" for the tokenless words, then 22 tokens' words
 
 
 def test_words_without_subwords_keep_tags_aligned(predictor):
