@@ -109,16 +109,31 @@ class TaskAdapter(nn.Module):
                 proj.__dict__.pop(_DELTA, None)
 
 
+class StopEncoder(Exception):  # noqa: N818 - a signal, not an error
+    """Raised inside the shared pass once every layer input asked for is captured (``stop=True``)."""
+
+
 @contextlib.contextmanager
-def capture_layer_inputs(encoder: nn.Module, firsts: set[int]):
+def capture_layer_inputs(encoder: nn.Module, firsts: set[int], stop: bool = False):
     """While open, the positional and keyword arguments of encoder layers ``firsts`` are kept in
-    the dict it yields (layer index -> (args, kwargs))."""
+    the dict it yields (layer index -> (args, kwargs)). ``stop``: the pass is cut short at the last
+    of them (the layers above it never run), raising :class:`StopEncoder`, which the context
+    swallows: for when no one reads the pass's own output."""
     stack = encoder_layers(encoder)
     store: dict[int, tuple[tuple, dict[str, Any]]] = {}
-    handles = [stack[i].register_forward_pre_hook(
-        lambda m, args, kwargs, i=i: store.__setitem__(i, (args, dict(kwargs))), with_kwargs=True) for i in firsts]
+    last = max(firsts)
+
+    def keep(i: int, args: tuple, kwargs: dict) -> None:
+        store[i] = (args, dict(kwargs))
+        if stop and i == last:
+            raise StopEncoder
+
+    handles = [stack[i].register_forward_pre_hook(lambda m, args, kwargs, i=i: keep(i, args, kwargs),
+                                                  with_kwargs=True) for i in firsts]
     try:
         yield store
+    except StopEncoder:
+        pass
     finally:
         for h in handles:
             h.remove()

@@ -113,7 +113,11 @@ class MultiTaskModel(nn.Module):
         if not adapted:
             hidden = self.encode(input_ids, attention_mask)
             return {name: self.heads[name](hidden, attention_mask) for name in names}
-        with capture_layer_inputs(self.encoder, {self.adapters[n].first for n in adapted}) as captured:
+        # when every task asked for has its own adapter, the shared pass is not read past the
+        # lowest adapted layer's input: it stops there (a full-depth adapter skips it entirely)
+        hidden = None
+        with capture_layer_inputs(self.encoder, {self.adapters[n].first for n in adapted},
+                                  stop=len(adapted) == len(names)) as captured:
             hidden = self.encode(input_ids, attention_mask)
         out = {}
         for name in names:

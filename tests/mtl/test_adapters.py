@@ -68,6 +68,37 @@ def test_a_fresh_adapter_is_the_shared_path_and_a_trained_one_moves_only_its_tas
         torch.Size([4, 32]), torch.Size([32, 4])]
 
 
+def test_when_only_adapted_tasks_are_asked_the_shared_pass_stops_below_them(encoder, batch):
+    """Nobody reads the shared pass's top when every task asked for has its own adapter: the layers
+    from the lowest adapted one up run once (the adapter's own run), not twice, and the answers are
+    those of the full pass, bit for bit."""
+    from mtl.adapters import encoder_layers
+
+    def layer_calls(model, *names):
+        """``model``'s answers to ``names`` (all tasks when none) and how often each layer ran."""
+        calls = [0] * len(encoder_layers(model.encoder))
+        handles = [layer.register_forward_hook(lambda m, a, o, i=i: calls.__setitem__(i, calls[i] + 1))
+                   for i, layer in enumerate(encoder_layers(model.encoder))]
+        try:
+            with torch.no_grad():
+                return model(*batch, list(names) or None), calls
+        finally:
+            for h in handles:
+                h.remove()
+
+    # layers adapted -> how often each of the 2 layers runs with cities asked too, and sentiment alone
+    for layers, with_cities, alone_calls in ((1, [1, 2], [1, 1]), (2, [2, 2], [1, 1])):
+        _, adapted = models(encoder, {**LORA, "layers": layers})
+        randomise(adapted)
+        both, calls = layer_calls(adapted)
+        assert calls == with_cities  # cities reads the shared pass: it runs to the top
+        alone, calls = layer_calls(adapted, "sentiment")
+        # one run per layer: the shared pass stops at the adapter's first layer (at full depth it
+        # does not run at all) and the adapter's own run does the rest
+        assert calls == alone_calls
+        assert torch.equal(alone["sentiment"], both["sentiment"])
+
+
 def test_adapters_survive_the_artifact_round_trip(encoder, batch, tmp_path):
     from transformers import AutoTokenizer
 
