@@ -38,7 +38,9 @@ def local_artifact(model: str, tracking_uri: str | None = None, dst: str | None 
     if storage.is_remote(model):
         return find_manifest_dir(storage.local_copy(model, dst))
     if "://" not in model and not model.startswith(("models:/", "runs:/")):
-        path = Path(model)
+        # absolute: the path travels to Ray workers and Serve replicas, whose working directory
+        # is not the caller's (a relative --base made add-task's workers look in the wrong place)
+        path = Path(model).absolute()
         if not path.exists():
             raise FileNotFoundError(f"model {model!r}: no such directory (or use models:/<name>@<alias>)")
         return find_manifest_dir(path)

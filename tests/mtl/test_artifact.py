@@ -129,6 +129,19 @@ def test_not_an_artifact(tmp_path, saved):
         read_manifest(tmp_path)
 
 
+def test_a_relative_artifact_path_is_made_absolute(saved, monkeypatch):
+    """A local artifact given relative to the caller's directory (``add-task --base runs/x/model``)
+    comes back absolute: Ray workers and Serve replicas, which get the path, run elsewhere."""
+    from mtl.registry import local_artifact
+
+    _, _, path = saved
+    monkeypatch.chdir(path.parent)
+    got = local_artifact(path.name)
+    assert got.is_absolute() and got == path.absolute()
+    monkeypatch.chdir("/")
+    assert (got / "manifest.json").exists()
+
+
 def test_fetching_a_registered_model_leaves_mlflows_global_uris_alone(saved, tmp_path):
     """``local_artifact(models:/..., tracking_uri)`` reads that registry for this call only: it used
     to set MLflow's process-wide tracking and registry URIs, so a later lookup that relied on the
