@@ -188,15 +188,13 @@ def calibrate(model, tokenizer, validation: dict[str, list[dict]], test: dict[st
         res: dict[str, Any] = {"temperature": t, "validation_ece_before": ece(*confidences(val)),
                                "validation_ece_after": ece(*confidences(val, t)), "validation_n": len(val.logits),
                                "validation_nll_before": float(nll(val, 1.0)), "validation_nll_after": float(nll(val, t))}
-        shown = val
-        if test and task in test:
-            shown = task_events(model, tokenizer, task, test[task], batch_size)
-            after = confidences(shown, t)
-            res.update(test_ece_before=ece(*confidences(shown)), test_ece_after=ece(*after),
+        shown = task_events(model, tokenizer, task, test[task], batch_size) if test and task in test else val
+        before, after = confidences(shown), confidences(shown, t)  # once: for the ECEs and the diagram
+        if shown is not val:
+            res.update(test_ece_before=ece(*before), test_ece_after=ece(*after),
                        test_ece_floor=ece_floor(after[0]), test_n=len(shown.logits))
         if plots is not None:
-            res["plot"] = str(reliability_diagram(task, confidences(shown), confidences(shown, t), t,
-                                                  Path(plots) / f"reliability_{task}.png"))
+            res["plot"] = str(reliability_diagram(task, before, after, t, Path(plots) / f"reliability_{task}.png"))
         model.tasks[task].temperature = t
         out[task] = res
     return out
