@@ -1,9 +1,9 @@
 """Per-task LoRA adapters: a task's own low-rank update of the top encoder layers, on its path only.
 
 A task with ``adapter: lora`` (``TaskInfo.adapter``) gets rank-``r`` matrices ``A`` (r x in) and
-``B`` (out x r, zero at the start) for the query and value projections of the encoder's top
-``layers`` layers. The shared encoder pass runs as before and feeds every other task; the adapted
-task re-runs only those top layers from the shared pass's state below them, with each projection's
+``B`` (out x r, zero at the start) for the query and value projections (``targets: qv``, the
+default) or every linear map (``targets: all``) of the encoder's top ``layers`` layers. The
+shared encoder pass runs as before and feeds every other task; the adapted task re-runs only those top layers from the shared pass's state below them, with each projection's
 output ``W x + b + (alpha / r) * B A x``, and its head reads the result. So
 
 - the encoder's weights never change (an adapter is extra parameters), and every other task's
@@ -40,8 +40,17 @@ def encoder_layers(encoder: nn.Module) -> nn.ModuleList:
                      f"(BERT-like); {type(encoder).__name__} has neither")
 
 
-def _projections(layer: nn.Module) -> dict[str, nn.Linear]:
-    found = {name: m for name, m in layer.named_modules() if isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] in TARGETS}
+def _projections(layer: nn.Module, targets: str = "qv") -> dict[str, nn.Linear]:
+    """The linear maps of ``layer`` an adapter updates: ``qv`` the query and value projections,
+    ``all`` every ``nn.Linear`` (query, key, value, attention output, both feed-forward maps)."""
+    linears = {name: m for name, m in layer.named_modules() if isinstance(m, nn.Linear)}
+    if targets == "all":
+        if not linears:
+            raise ValueError(f"adapter targets: all found no linear map in {type(layer).__name__}")
+        return linears
+    if targets != "qv":
+        raise ValueError(f"adapter targets must be 'qv' or 'all'; got {targets!r}")
+    found = {name: m for name, m in linears.items() if name.rsplit(".", 1)[-1] in TARGETS}
     if len(found) != 2:
         raise ValueError(f"adapter: lora found {sorted(found)} in {type(layer).__name__}; expected a query and a "
                          f"value projection named one of {TARGETS}")
@@ -71,7 +80,8 @@ class TaskAdapter(nn.Module):
     """One task's LoRA matrices for the top ``layers`` layers of ``encoder``; ``run`` re-runs those
     layers from the captured input of the first of them."""
 
-    def __init__(self, encoder: nn.Module, rank: int = 8, alpha: float = 16.0, layers: int = 2):
+    def __init__(self, encoder: nn.Module, rank: int = 8, alpha: float = 16.0, layers: int = 2,
+                 targets: str = "qv"):
         super().__init__()
         stack = encoder_layers(encoder)
         if not 1 <= layers <= len(stack):
@@ -80,16 +90,17 @@ class TaskAdapter(nn.Module):
             raise ValueError(f"adapter rank must be at least 1; got {rank}")
         self.first = len(stack) - layers
         self.lora = nn.ModuleDict()
-        targets = []  # (projection, its LoRA key), found once: forward does not walk the layers again
+        hooked = []  # (projection, its LoRA key), found once: forward does not walk the layers again
         for i in range(self.first, len(stack)):
-            for name, proj in _projections(stack[i]).items():
-                key = f"{i}_{name.rsplit('.', 1)[-1]}"
+            for name, proj in _projections(stack[i], targets).items():
+                # qv keeps its short keys ("5_query"); all names the map by its path ("5_attention_output_dense")
+                key = f"{i}_{name.rsplit('.', 1)[-1] if targets == 'qv' else name.replace('.', '_')}"
                 self.lora[key] = LoRA(proj.in_features, proj.out_features, rank, alpha)
-                targets.append((proj, key))
+                hooked.append((proj, key))
                 if not proj.__dict__.get("_mtl_lora_hooked"):
                     proj.register_forward_hook(_lora_hook)
                     proj.__dict__["_mtl_lora_hooked"] = True
-        self.__dict__["_targets"] = targets  # the encoder's modules: referenced, not registered here
+        self.__dict__["_targets"] = hooked  # the encoder's modules: referenced, not registered here
 
     def run(self, encoder: nn.Module, captured: tuple[tuple, dict[str, Any]]) -> torch.Tensor:
         """The top layers again, with this adapter's updates, from ``captured`` (the positional and

@@ -143,13 +143,15 @@ class SourceSpec(_Strict):
 
 class AdapterSpec(_Strict):
     """A task's own LoRA adapter (``mtl.adapters``): rank-``rank`` updates, scaled ``alpha/rank``,
-    of the query and value projections of the encoder's top ``layers`` layers, on this task's path
-    only (the shared pass and every other task are unchanged). ``adapter: lora`` takes the defaults."""
+    of the encoder's top ``layers`` layers (``targets``: ``qv`` the query and value projections,
+    ``all`` every linear map of the layer, attention and feed-forward), on this task's path only
+    (the shared pass and every other task are unchanged). ``adapter: lora`` takes the defaults."""
 
     type: Literal["lora"] = "lora"
     rank: int = Field(8, ge=1, le=256)
     alpha: float = Field(16.0, gt=0)
     layers: int = Field(2, ge=1)
+    targets: Literal["qv", "all"] = "qv"
 
 
 class TaskSpec(_Strict):

@@ -99,6 +99,37 @@ def test_when_only_adapted_tasks_are_asked_the_shared_pass_stops_below_them(enco
         assert torch.equal(alone["sentiment"], both["sentiment"])
 
 
+def test_targets_all_updates_every_linear_map_of_the_layer_on_its_task_only(encoder, batch, tmp_path):
+    """``targets: all``: LoRA on query, key, value, the attention output and both feed-forward maps;
+    a fresh one is the shared path, a trained one moves its task only, and it survives the artifact."""
+    from transformers import AutoTokenizer
+
+    plain, adapted = models(encoder, {**LORA, "targets": "all"})
+    lora = adapted.adapters["sentiment"].lora
+    assert sorted(lora) == ["1_attention_output_dense", "1_attention_self_key", "1_attention_self_query",
+                            "1_attention_self_value", "1_intermediate_dense", "1_output_dense"]
+    # tiny BERT: hidden 32, feed-forward 64 (conftest): A is rank x in, B is out x rank
+    assert [tuple(lora[k].A.shape) + tuple(lora[k].B.shape) for k in ("1_intermediate_dense", "1_output_dense")] == [
+        (4, 32, 64, 4), (4, 64, 32, 4)]
+    with torch.no_grad():
+        want = plain(*batch)
+        assert torch.allclose(adapted(*batch)["sentiment"], want["sentiment"], atol=1e-6)
+        randomise(adapted)
+        moved = adapted(*batch)
+        lora["1_intermediate_dense"].B.zero_()  # the feed-forward maps' updates count too
+        partial = adapted(*batch)
+    assert not torch.allclose(moved["sentiment"], want["sentiment"], atol=1e-3)
+    assert not torch.allclose(partial["sentiment"], moved["sentiment"], atol=1e-4)
+    assert torch.equal(moved["cities"], want["cities"])
+    adapted.save(tmp_path / "model", AutoTokenizer.from_pretrained(str(encoder)))
+    loaded, _ = MultiTaskModel.load(tmp_path / "model")
+    assert loaded.tasks["sentiment"].adapter["targets"] == "all"
+    with torch.no_grad():
+        assert torch.equal(loaded(*batch)["sentiment"], partial["sentiment"])
+    with pytest.raises(ValueError, match="adapter targets must be 'qv' or 'all'"):
+        models(encoder, {**LORA, "targets": "ffn"})
+
+
 def test_adapters_survive_the_artifact_round_trip(encoder, batch, tmp_path):
     from transformers import AutoTokenizer
 
@@ -141,7 +172,7 @@ def test_fsdp_with_an_adapter_is_refused_naming_the_field():
 
     task = {"name": "a", "kind": "sequence_classification", "source": {"type": "bbc"}, "adapter": "lora"}
     assert config_from_dict({"tasks": [task]}).tasks[0].adapter.model_dump() == {
-        "type": "lora", "rank": 8, "alpha": 16.0, "layers": 2}
+        "type": "lora", "rank": 8, "alpha": 16.0, "layers": 2, "targets": "qv"}
     with pytest.raises(ConfigError, match=r"tasks\.0\.adapter: a LoRA adapter needs train\.strategy: ddp"):
         config_from_dict({"train": {"strategy": "fsdp"}, "tasks": [task]})
 
@@ -152,13 +183,14 @@ def test_an_adapter_deeper_than_the_encoder_is_refused(encoder):
                                                        adapter={"type": "lora", "layers": 3})])
 
 
-def test_onnx_graph_of_an_adapted_model_gives_the_torch_answers(encoder, batch, tmp_path):
+@pytest.mark.parametrize("targets", ["qv", "all"])
+def test_onnx_graph_of_an_adapted_model_gives_the_torch_answers(encoder, batch, tmp_path, targets):
     pytest.importorskip("onnxruntime")
     from transformers import AutoTokenizer
 
     from mtl.onnx_backend import load_onnx
 
-    _, adapted = models(encoder, {**LORA, "layers": 2})
+    _, adapted = models(encoder, {**LORA, "layers": 2, "targets": targets})
     randomise(adapted)
     adapted.save(tmp_path / "model", AutoTokenizer.from_pretrained(str(encoder)))
     model, _ = MultiTaskModel.load(tmp_path / "model")
