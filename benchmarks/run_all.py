@@ -155,16 +155,19 @@ def _versions_line(v: dict) -> str:
 def _serve_load_section(r: dict) -> list[str]:
     lines = []
     for b in r.get("in_process", []):
-        lines.append(f"- in process ({'int8' if b.get('quantized') else 'fp32'}): "
+        lines.append(f"- in process ({b.get('backend', 'torch')} {'int8' if b.get('quantized') else 'fp32'}): "
                      f"{_fmt(b.get('texts_per_s_batch32'))} texts/s at batch 32, "
                      f"{_fmt(b.get('texts_per_s_batch1'))} texts/s one at a time")
     sc = r.get("scenarios", [])
     if sc:
-        lines += ["", "| scenario | req/s | p50 ms | p99 ms | errors | replicas (max) |", "|---|---|---|---|---|---|"]
+        lines += ["", "| scenario | concurrent | req/s | p50 ms | p99 ms | errors | replicas (max) | mean batch |",
+                  "|---|---|---|---|---|---|---|---|"]
         for s in sc:
-            lines.append(f"| {s.get('scenario')} | {_fmt(s.get('req_per_s'))} | {_fmt(s.get('p50_ms'))} | "
-                         f"{_fmt(s.get('p99_ms'))} | {_fmt(s.get('errors'))} | "
-                         f"{_fmt((s.get('replicas') or {}).get('max_running'))} |")
+            concurrency = s.get("concurrency", (r.get("load") or {}).get("concurrency"))
+            lines.append(f"| {s.get('scenario')} | {_fmt(concurrency)} | {_fmt(s.get('req_per_s'))} | "
+                         f"{_fmt(s.get('p50_ms'))} | {_fmt(s.get('p99_ms'))} | {_fmt(s.get('errors'))} | "
+                         f"{_fmt((s.get('replicas') or {}).get('max_running'))} | "
+                         f"{_fmt((s.get('batches') or {}).get('mean_batch'))} |")
     if r.get("model"):
         lines.append(f"\nModel: {r['model']}; load: {_fmt(r.get('load'))}")
     return lines
@@ -268,7 +271,7 @@ def write_report(run: dict | None = None) -> Path:
                   f"- date: {r.get('date')}, commit {r.get('git_commit', 'n/a')}",
                   f"- machine: {_machine_line(r.get('machine', {}))}",
                   f"- versions: {_versions_line(r.get('versions', {}))}", ""]
-        if name == "serve_load" and "figures" not in r:
+        if name.startswith("serve_load") and "figures" not in r:
             lines += _serve_load_section(r)
         else:
             figs = [(k, v) for k, v in _flat(r.get("figures", {})) if not k.startswith(("profile.", "matmul_by_size"))]

@@ -1,12 +1,15 @@
 """Load on the Ray Serve application over loopback HTTP: throughput, latency, errors, autoscaling,
-batching on vs off, int8 vs fp32, and a replica killed under load. Writes
-benchmarks/results/serve_load.json and prints a summary; asserts nothing.
+batching on vs off for each backend (torch or ONNX Runtime, fp32 or int8), at one or several
+concurrency levels, and a replica killed under load. Writes benchmarks/results/serve_load.json and
+prints a summary; asserts nothing.
 
     python benchmarks/serve_load.py --quick                    # tiny model, 600 requests per scenario
     python benchmarks/serve_load.py --model runs/quick/model   # an artifact dir or models:/ URI
     python benchmarks/serve_load.py --requests 2000 --concurrency 32 --int8 --kill
     python benchmarks/serve_load.py --model runs/quick/model --client wrk --concurrency 64 \
         --only batched,batched-onnx-int8 --replicas 1   # wrk: apt-get install wrk
+    python benchmarks/serve_load.py --model runs/quick/model --client wrk --concurrency 1,16,64 \
+        --only batched,unbatched,batched-onnx-int8,unbatched-onnx-int8,kill-onnx-int8 --replicas 1
 
 Without ``--model`` the tiny untrained test model is built (as tests/conftest.py does), so the numbers
 show the serving overhead rather than a real encoder's cost. Every scenario is its own deployment
@@ -247,14 +250,25 @@ def replica_stats(app: str, tries: int = 12) -> list[dict]:
     return list(seen.values())
 
 
-def run_scenario(name: str, model_dir: str, model_ref: str, port: int, args, **spec_fields) -> dict:
+def _counter_delta(before: list[dict], after: list[dict]) -> dict:
+    """Requests and batches the replicas served between two ``replica_stats`` snapshots."""
+    prev = {s["replica"]: s for s in before}
+    requests = sum(s["requests"] - prev.get(s["replica"], {}).get("requests", 0) for s in after)
+    batches = sum(s["batches"] - prev.get(s["replica"], {}).get("batches", 0) for s in after)
+    return {"requests": requests, "batches": batches, "mean_batch": round(requests / batches, 2) if batches else None}
+
+
+def run_scenario(name: str, model_dir: str, model_ref: str, port: int, args, **spec_fields) -> list[dict]:
+    """One deployment of the scenario's spec, loaded at each of ``args.concurrency`` in turn (the
+    kill scenario at the highest only); a result row per concurrency."""
     from ray import serve
 
     from mtl.config import ServeSpec
     from serve.app import APP_NAME, DEPLOYMENT_NAME, build_app
 
+    levels = [max(args.concurrency)] if name.startswith("kill") else args.concurrency
     fields = {"max_batch_size": 32, "batch_wait_timeout_s": 0.01, "min_replicas": 1, "max_replicas": 2,
-              "target_ongoing_requests": 8, "max_ongoing_requests": max(128, 2 * args.concurrency),
+              "target_ongoing_requests": 8, "max_ongoing_requests": max(128, 2 * max(levels)),
               "max_texts": max(64, args.texts_per_request), **spec_fields}
     spec = ServeSpec(**fields)
     t0 = time.perf_counter()
@@ -262,44 +276,57 @@ def run_scenario(name: str, model_dir: str, model_ref: str, port: int, args, **s
     deploy_s = time.perf_counter() - t0
     url = f"http://127.0.0.1:{port}"
     asyncio.run(_load(url, 20, 4, args.texts_per_request))  # warm-up
-    poller = ReplicaPoller(APP_NAME, DEPLOYMENT_NAME)
-    poller.start()
-    killed: list[str | None] = []
-    on_progress = None
-    if name == "kill":
-        at = args.requests // 3
+    rows = []
+    for concurrency in levels:
+        before = replica_stats(APP_NAME)
+        poller = ReplicaPoller(APP_NAME, DEPLOYMENT_NAME)
+        poller.start()
+        killed: list[str | None] = []
+        on_progress = None
+        if name.startswith("kill"):
+            at = args.requests // 3
 
-        def on_progress(i):  # from the event loop: kill in a thread, the load goes on
-            if i == at and not killed:
-                killed.append(None)
-                threading.Thread(target=lambda: killed.__setitem__(0, _kill_one_replica(APP_NAME, DEPLOYMENT_NAME)),
-                                 daemon=True).start()
-    if args.client == "wrk" and name != "kill":
-        result = _wrk_load(url, args.duration, args.concurrency, args.texts_per_request)
-    else:
-        result = asyncio.run(_load(url, args.requests, args.concurrency, args.texts_per_request, on_progress))
-    poller.stop_event.set()
-    poller.join()
-    stats = replica_stats(APP_NAME)
+            def on_progress(i, at=at, killed=killed):  # from the event loop: kill in a thread, the load goes on
+                if i == at and not killed:
+                    killed.append(None)
+                    threading.Thread(target=lambda: killed.__setitem__(0, _kill_one_replica(APP_NAME, DEPLOYMENT_NAME)),
+                                     daemon=True).start()
+        print(f"  {concurrency} concurrent ...", flush=True)
+        if args.client == "wrk" and not name.startswith("kill"):
+            result = _wrk_load(url, args.duration, concurrency, args.texts_per_request)
+        else:
+            result = asyncio.run(_load(url, args.requests, concurrency, args.texts_per_request, on_progress))
+        poller.stop_event.set()
+        poller.join()
+        stats = replica_stats(APP_NAME)
+        row = {"scenario": name, "concurrency": concurrency, "spec": {k: fields[k] for k in sorted(fields)},
+               "deploy_s": round(deploy_s, 1), **result, "replicas": poller.summary(),
+               "batches": _counter_delta(before, stats), "replica_counters": stats}
+        if killed:
+            row["killed_replica"] = killed[0]
+        rows.append(row)
+        print(f"  {row['req_per_s']} req/s  p50 {row['p50_ms']} ms  p99 {row['p99_ms']} ms  errors {row['errors']}  "
+              f"replicas max {row['replicas']['max_running']}  mean batch {row['batches']['mean_batch']}", flush=True)
     serve.delete(APP_NAME)
-    out = {"scenario": name, "spec": {k: fields[k] for k in sorted(fields)}, "deploy_s": round(deploy_s, 1),
-           **result, "replicas": poller.summary(), "replica_counters": stats}
-    if killed:
-        out["killed_replica"] = killed[0]
-    return out
+    return rows
 
 
 # ---------------------------------------------------------------- main
 
 
-ALL_SCENARIOS = [
-    ("batched", {}),
-    ("unbatched", {"max_batch_size": 1}),
-    ("batched-int8", {"quantize": True}),
-    ("batched-onnx", {"backend": "onnx"}),
-    ("batched-onnx-int8", {"backend": "onnx", "quantize": True}),
-    ("kill", {"min_replicas": 2, "max_replicas": 2}),  # one of two replicas killed a third into the load
-]
+BACKENDS = {"": {}, "-int8": {"quantize": True}, "-onnx": {"backend": "onnx"},
+            "-onnx-int8": {"backend": "onnx", "quantize": True}}
+# every backend batched and unbatched (max_batch_size 1), and one of two replicas killed a third into the load
+ALL_SCENARIOS = [(f"{mode}{suffix}", {**backend, **extra}) for suffix, backend in BACKENDS.items()
+                 for mode, extra in (("batched", {}), ("unbatched", {"max_batch_size": 1}))] + [
+    (f"kill{suffix}", {**backend, "min_replicas": 2, "max_replicas": 2}) for suffix, backend in BACKENDS.items()]
+
+
+def _levels(text: str) -> list[int]:
+    levels = [int(x) for x in text.split(",") if x.strip()]
+    if not levels or min(levels) < 1:
+        raise argparse.ArgumentTypeError(f"concurrency must be positive integers, comma-separated; got {text!r}")
+    return levels
 
 
 def _versions() -> dict:
@@ -322,15 +349,16 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--model", help="artifact directory or models:/ URI (default: build the tiny test model)")
     p.add_argument("--tracking-uri", default=None)
     p.add_argument("--requests", type=int, default=2000, help="requests per scenario")
-    p.add_argument("--concurrency", type=int, default=32)
+    p.add_argument("--concurrency", type=_levels, default=[32],
+                   help="concurrent requests; a comma-separated list (1,16,64) loads each deployment at each in turn")
     p.add_argument("--texts-per-request", type=int, default=1)
     p.add_argument("--int8", action="store_true", help="also serve the int8 (dynamic quantization) model")
     p.add_argument("--kill", action="store_true", help="also kill one of two replicas a third into the load")
     p.add_argument("--no-unbatched", action="store_true", help="skip the max_batch_size=1 scenario")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads of the in-process reference (default 1: a replica's num_cpus)")
-    p.add_argument("--only", default=None, help="comma-separated scenarios to run "
-                   "(batched,unbatched,batched-int8,batched-onnx,batched-onnx-int8,kill)")
+    p.add_argument("--only", default=None, help="comma-separated scenarios to run: batched or unbatched or kill, "
+                   "then nothing (torch fp32), -int8, -onnx or -onnx-int8 (e.g. batched-onnx-int8)")
     p.add_argument("--client", choices=["httpx", "wrk"], default="httpx",
                    help="load generator: httpx (async Python, --requests) or wrk (C, --duration; "
                         "apt-get install wrk); the kill scenario always uses httpx")
@@ -368,10 +396,10 @@ def main(argv: list[str] | None = None) -> dict:
     print("in-process Predictor ...", flush=True)
     n_texts = 256 if args.quick else 2048
     baseline = [in_process(model_dir, False, n_texts, args.threads)]
-    if "batched-int8" in selected:
+    if any(sc.endswith("-int8") and "onnx" not in sc for sc in selected):
         baseline.append(in_process(model_dir, True, n_texts, args.threads))
-    for name, quantize in (("batched-onnx", False), ("batched-onnx-int8", True)):
-        if name in selected:
+    for name, quantize in (("onnx", False), ("onnx-int8", True)):
+        if any(sc.endswith(f"-{name}") for sc in selected):
             baseline.append(in_process(model_dir, quantize, n_texts, args.threads, backend="onnx"))
 
     from ray import serve
@@ -390,11 +418,9 @@ def main(argv: list[str] | None = None) -> dict:
         for name, fields in scenarios:
             if args.replicas and name != "kill":
                 fields = {**fields, "min_replicas": args.replicas, "max_replicas": args.replicas}
-            print(f"scenario {name}: {args.requests} requests, {args.concurrency} concurrent ...", flush=True)
-            results.append(run_scenario(name, model_dir, model_ref, port, args, **fields))
-            r = results[-1]
-            print(f"  {r['req_per_s']} req/s  p50 {r['p50_ms']} ms  p99 {r['p99_ms']} ms  errors {r['errors']}  "
-                  f"replicas max {r['replicas']['max_running']}", flush=True)
+            load = f"{args.duration:g} s" if args.client == "wrk" and not name.startswith("kill") else f"{args.requests} requests"
+            print(f"scenario {name}: {load} at each of {args.concurrency} concurrent ...", flush=True)
+            results += run_scenario(name, model_dir, model_ref, port, args, **fields)
     finally:
         serve.shutdown()
         import ray
@@ -425,12 +451,11 @@ def main(argv: list[str] | None = None) -> dict:
     print("\nin process: " + "; ".join(
         f"{b['backend']} {'int8' if b['quantized'] else 'fp32'} {b['texts_per_s_batch32']} texts/s (batch 32), "
         f"{b['texts_per_s_batch1']} texts/s (one at a time)" for b in baseline))
-    print(f"{'scenario':<14}{'req/s':>8}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}{'replicas':>10}{'mean batch':>12}")
+    print(f"{'scenario':<20}{'conc':>5}{'req/s':>8}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}{'replicas':>10}{'mean batch':>12}")
     for r in results:
-        batches = [s["mean_batch"] for s in r["replica_counters"]]
-        mean_batch = f"{statistics.fmean(batches):.1f}" if batches else "-"
-        print(f"{r['scenario']:<14}{r['req_per_s']:>8}{r['p50_ms']:>9}{r['p99_ms']:>9}{r['errors']:>8}"
-              f"{r['replicas']['max_running']:>10}{mean_batch:>12}")
+        mean_batch = r["batches"]["mean_batch"]
+        print(f"{r['scenario']:<20}{r['concurrency']:>5}{r['req_per_s']:>8}{r['p50_ms']:>9}{r['p99_ms']:>9}{r['errors']:>8}"
+              f"{r['replicas']['max_running']:>10}{'-' if mean_batch is None else mean_batch:>12}")
     print(f"wrote {out}")
     return report
 
