@@ -231,6 +231,9 @@ class TrainSpec(_Strict):
     eval_every: int = Field(200, ge=1)  # optimizer steps between validations
     log_every: int | None = Field(50, ge=1)  # steps between training-loss points and progress lines; None: at evaluations only
     eval_batch_size: int = Field(128, ge=1)
+    # batches of rows of similar length (sorted within windows of 50 batches, then shuffled): the
+    # same rows each epoch with far less padding, so steps on short, varied texts cost less
+    group_by_length: bool = False
     patience: int | None = Field(5, ge=1)  # evaluations without improvement before stopping
     objective: str = "mean"  # "mean" of primary validation metrics, or "<task>.<metric>"
     max_failures: int = Field(2, ge=0)

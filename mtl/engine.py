@@ -74,6 +74,9 @@ class EngineConfig:
     comm_hook: str = "none"  # DDP gradient compression: none | fp16 | bf16
     eval_every: int = 200  # optimizer steps between validations
     eval_batch_size: int = 128
+    # batches of rows of similar length (mtl.sampling.length_batches): less padding, the same rows;
+    # arrays here, and the training glue's streamed shards (pipelines.sharding)
+    group_by_length: bool = False
     patience: int | None = 5  # evaluations without improvement before stopping; None: never
     objective: str = "mean"
     seed: int = 13
@@ -214,10 +217,11 @@ class ArrayBatches:
     slice (``BatchStream``); this rank takes ``rows[rank::world]`` of it."""
 
     def __init__(self, arrays: dict[str, np.ndarray], global_batch: int, seed: int, task_id: int,
-                 rank: int, world: int):
+                 rank: int, world: int, group_by_length: bool = False):
         self.arrays, self.rank, self.world = arrays, rank, world
         self.size = len(arrays["input_ids"])
-        self.stream = BatchStream(self.size, global_batch, seed, task_id)
+        lengths = np.asarray(arrays["attention_mask"]).sum(1) if group_by_length else None
+        self.stream = BatchStream(self.size, global_batch, seed, task_id, lengths)
 
     def batch(self, k: int) -> dict[str, np.ndarray]:
         rows = self.stream.batch_indices(k)[self.rank::self.world]
@@ -374,7 +378,7 @@ class Engine:
         micro = c.batch_size // c.grad_accum  # global rows per micro-batch
         self.train_batches = {
             i: data[i]["train"] if isinstance(data[i]["train"], StreamBatches)
-            else ArrayBatches(data[i]["train"], micro, c.seed, n, self.rank, self.world)
+            else ArrayBatches(data[i]["train"], micro, c.seed, n, self.rank, self.world, c.group_by_length)
             for n, i in enumerate(self.inputs)
         }
         sizes = [self.train_batches[i].size for i in self.inputs]

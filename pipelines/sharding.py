@@ -16,6 +16,7 @@ from ray.train import DataConfig
 from mtl.config import RunConfig
 from mtl.engine import Shard, StreamBatches
 from mtl.readers import TaskData
+from mtl.sampling import length_grouped
 
 EVAL_SPLITS = ("train", "validation")  # what workers load; the test pass runs after fit
 
@@ -63,7 +64,8 @@ def worker_data(loop) -> dict[str, dict[str, Any]]:
             continue
         per_rank = ec.batch_size // ec.grad_accum // world
         rows = loop.train_sizes[name] // world  # an equal streaming split: every shard this many rows
-        out[name] = {"train": StreamBatches(_epochs(train, per_rank, min(tc.shuffle_buffer, rows), ec.seed, i, rank),
+        epochs = _epochs(train, per_rank, min(tc.shuffle_buffer, rows), ec.seed, i, rank, tc.group_by_length)
+        out[name] = {"train": StreamBatches(epochs,
                                             loop.train_sizes[name], max(1, math.ceil(rows / per_rank)),
                                             prefetch=tc.prefetch_batches)}
     for t in names:
@@ -73,13 +75,16 @@ def worker_data(loop) -> dict[str, dict[str, Any]]:
     return out
 
 
-def _epochs(shard, batch: int, buffer: int, seed: int, task: int, rank: int):
+def _epochs(shard, batch: int, buffer: int, seed: int, task: int, rank: int, group_by_length: bool = False):
     """Epoch ``e`` of this worker's training shard: batches of ``batch`` rows (the last one may be
-    smaller), locally shuffled with a seed of (seed, task, rank, epoch)."""
+    smaller), locally shuffled with a seed of (seed, task, rank, epoch); with ``group_by_length``,
+    regrouped into batches of similar length (``mtl.sampling.length_grouped``: the same rows and
+    number of batches, so ranks stay in step)."""
     def epoch(e: int):
-        return shard.iter_batches(batch_size=batch, batch_format="numpy", drop_last=False,
-                                  local_shuffle_buffer_size=max(buffer, batch),
-                                  local_shuffle_seed=int(np.random.SeedSequence([seed, task, rank, e]).generate_state(1)[0]))
+        shuffle_seed = int(np.random.SeedSequence([seed, task, rank, e]).generate_state(1)[0])
+        batches = shard.iter_batches(batch_size=batch, batch_format="numpy", drop_last=False,
+                                     local_shuffle_buffer_size=max(buffer, batch), local_shuffle_seed=shuffle_seed)
+        return length_grouped(batches, batch, shuffle_seed) if group_by_length else batches
     return epoch
 
 

@@ -137,3 +137,71 @@ def test_pcgrad_projects_conflicting_gradients_only():
     h1, h2 = torch.tensor([1.0, 0.0]), torch.tensor([1.0, 1.0])  # agreeing: plain sum
     assert pcgrad_combine([h1, h2]).tolist() == pytest.approx([2.0, 1.0])
 
+
+
+def _varied(n: int, width: int = 40, seed: int = 0) -> dict[str, np.ndarray]:
+    """Rows of 3..width tokens (right-padded masks), row i's id in ``idx``."""
+    lengths = np.random.default_rng(seed).integers(3, width + 1, size=n)
+    mask = (np.arange(width)[None, :] < lengths[:, None]).astype(np.int64)
+    return {"idx": np.arange(n), "input_ids": mask * 7, "attention_mask": mask, "labels": np.arange(n) % 3}
+
+
+def _padded_tokens(batches) -> int:
+    """Tokens computed when each batch is trimmed to its longest row."""
+    return sum(len(b) * int(b.max()) for b in batches)
+
+
+def test_length_batches_keep_the_rows_and_cut_the_padding():
+    from mtl.sampling import GROUP_BATCHES, length_batches
+
+    lengths = _varied(1000)["attention_mask"].sum(1)
+    rows = np.random.default_rng(1).permutation(1000)
+    grouped = length_batches(rows, lengths, 8, np.random.default_rng(2))
+    assert [len(b) for b in grouped] == [8] * 125  # as many batches as cutting rows directly
+    assert sorted(np.concatenate(grouped).tolist()) == list(range(1000))
+    plain = [rows[i:i + 8] for i in range(0, 1000, 8)]
+    # within a window of GROUP_BATCHES batches, rows are sorted by length: a batch spans few lengths
+    assert max(int(lengths[b].max() - lengths[b].min()) for b in grouped) <= 3
+    assert _padded_tokens([lengths[b] for b in grouped]) < 0.7 * _padded_tokens([lengths[b] for b in plain])
+    # each window keeps its own rows (the data's order stays random between windows)
+    window = GROUP_BATCHES * 8
+    first = set(np.concatenate(grouped[:GROUP_BATCHES]).tolist())
+    assert first == set(rows[:window].tolist())
+    # a ragged end: one short batch, no row lost
+    tail = length_batches(rows[:21], lengths, 8, np.random.default_rng(0))
+    assert sorted(len(b) for b in tail) == [5, 8, 8] and sorted(np.concatenate(tail).tolist()) == sorted(rows[:21].tolist())
+
+
+def test_batch_stream_grouped_by_length_covers_the_same_rows_each_epoch():
+    lengths = _varied(200)["attention_mask"].sum(1)
+    plain, grouped = BatchStream(200, 8, 0, 1), BatchStream(200, 8, 0, 1, lengths)
+    for epoch in range(2):
+        ks = range(epoch * 25, (epoch + 1) * 25)
+        rows = [grouped.batch_indices(k) for k in ks]
+        assert sorted(np.concatenate(rows).tolist()) == sorted(
+            np.concatenate([plain.batch_indices(k) for k in ks]).tolist())
+        assert all(len(r) == 8 for r in rows)
+        assert _padded_tokens([lengths[r] for r in rows]) < 0.7 * _padded_tokens(
+            [lengths[plain.batch_indices(k)] for k in ks])
+    again = BatchStream(200, 8, 0, 1, lengths)
+    assert all(np.array_equal(again.batch_indices(k), grouped.batch_indices(k)) for k in (0, 7, 31))  # resume by count
+    with pytest.raises(ValueError, match="lengths has 3 entries for 200 rows"):
+        BatchStream(200, 8, 0, 1, lengths[:3])
+
+
+def test_length_grouped_stream_keeps_rows_batches_and_columns_together():
+    from mtl.sampling import length_grouped
+
+    arrays = _varied(530)
+    order = np.random.default_rng(3).permutation(530)
+    stream = [{k: v[order[i:i + 16]] for k, v in arrays.items()} for i in range(0, 530, 16)]
+    out = list(length_grouped(iter(stream), 16, seed=5))
+    assert len(out) == len(stream) == 34 and [len(b["idx"]) for b in out].count(16) == 33
+    assert sorted(np.concatenate([b["idx"] for b in out]).tolist()) == list(range(530))
+    for b in out:  # every column moved with its row
+        assert np.array_equal(b["attention_mask"], arrays["attention_mask"][b["idx"]])
+        assert np.array_equal(b["labels"], b["idx"] % 3)
+    lengths = [b["attention_mask"].sum(1) for b in out]
+    assert _padded_tokens(lengths) < 0.7 * _padded_tokens([b["attention_mask"].sum(1) for b in stream])
+    again = list(length_grouped(iter(stream), 16, seed=5))
+    assert all(np.array_equal(a["idx"], b["idx"]) for a, b in zip(out, again))

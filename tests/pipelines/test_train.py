@@ -430,8 +430,9 @@ def make_shared_config(synth, tmp: Path, **train) -> object:
 
 @pytest.fixture(scope="module")
 def shared2(synth, tmp_path_factory, ray_session):
-    """2 DDP workers streaming their shards of the shared input's training split; rank 1 dies at
-    step 20 and the group resumes from the checkpoint of step 15."""
+    """2 DDP workers streaming their shards of the shared input's training split, grouped by length
+    (``train.group_by_length``); rank 1 dies at step 20 and the group resumes from the checkpoint of
+    step 15."""
     import faults
     from ray import cloudpickle
 
@@ -439,8 +440,8 @@ def shared2(synth, tmp_path_factory, ray_session):
 
     cloudpickle.register_pickle_by_value(faults)
     tmp = tmp_path_factory.mktemp("shared2")
-    cfg = make_shared_config(synth, tmp)
-    assert cfg.train.data_sharding == "streaming" and cfg.inputs == {"synth": ["sentiment", "cities"]}
+    cfg = make_shared_config(synth, tmp, group_by_length=True)
+    assert cfg.train.data_sharding == "streaming" and cfg.train.group_by_length and cfg.inputs == {"synth": ["sentiment", "cities"]}
     return cfg, run_training(cfg, callbacks=[faults.CrashOnce(20, str(tmp / "crashed"))]), tmp
 
 
@@ -491,3 +492,31 @@ def test_a_shared_input_replicated_gives_the_engines_losses(synth, tmp_path, ray
     assert engine.consumed == {"synth": 15}
     for task in ("sentiment", "cities"):
         assert ray_window[f"train/loss/{task}"] == pytest.approx(window[f"train/loss/{task}"], rel=1e-5)
+
+
+def test_a_streamed_shard_grouped_by_length_keeps_its_rows_and_batch_count(ray_session):
+    """``train.group_by_length`` on the streaming path: a worker's epoch from a real Ray Data shard
+    has the same rows and the same number of batches (ranks stay in step), every column moved with
+    its row, and far fewer computed tokens once each batch is trimmed to its longest row."""
+    import numpy as np
+    import ray
+
+    from pipelines.sharding import _epochs
+
+    n, width = 300, 24
+    lengths = np.random.default_rng(0).integers(2, width + 1, size=n)
+    mask = (np.arange(width)[None, :] < lengths[:, None]).astype(np.int64)
+    ds = ray.data.from_items([{"idx": i, "input_ids": mask[i] * 5, "attention_mask": mask[i], "labels": i % 2}
+                              for i in range(n)])
+    shard = ds.iterator()
+    plain = list(_epochs(shard, 8, 64, 13, 0, 0)(0))
+    grouped = list(_epochs(shard, 8, 64, 13, 0, 0, group_by_length=True)(0))
+    assert len(grouped) == len(plain) == 38  # ceil(300 / 8)
+    assert sorted(np.concatenate([b["idx"] for b in grouped]).tolist()) == list(range(n))
+    for b in grouped:
+        assert np.array_equal(b["attention_mask"], mask[b["idx"]]) and np.array_equal(b["labels"], b["idx"] % 2)
+
+    def computed(batches):
+        return sum(len(b["idx"]) * int(b["attention_mask"].sum(1).max()) for b in batches)
+
+    assert computed(grouped) < 0.7 * computed(plain)
