@@ -35,16 +35,20 @@ def flatten_metrics(prefix: str, metrics: dict[str, dict[str, float]]) -> dict[s
 def evaluate_arrays(forward, kind: TaskKind, arrays: dict[str, np.ndarray], batch_size: int,
                     device: torch.device, n_batches: int | None = None) -> tuple[list, list]:
     """Run ``forward(ids, mask) -> logits`` over ``arrays`` in batches; (predictions, references).
+    Rows go in order of length (stable), so each batch is trimmed to rows of about its own length
+    rather than to the longest of a random ``batch_size``: the same (prediction, reference) pairs,
+    listed in that order (every metric is a function of the pairs, not of their order).
     ``n_batches`` forces that many forward calls (empty ones run on a dummy row and are dropped),
     so every rank of a sharded model makes the same collective calls."""
     n = len(arrays["input_ids"])
+    order = np.argsort(np.asarray(arrays["attention_mask"]).sum(1), kind="stable") if n else np.zeros(0, np.int64)
     starts = list(range(0, n, batch_size))
     total = max(len(starts), n_batches or 0)
     preds: list = []
     refs: list = []
     for b in range(total):
         if b < len(starts):
-            sl = slice(starts[b], starts[b] + batch_size)
+            sl = order[starts[b]:starts[b] + batch_size]
             ids, mask, labels = (torch.as_tensor(arrays[k][sl], device=device)
                                  for k in ("input_ids", "attention_mask", "labels"))
             dummy = False

@@ -8,6 +8,7 @@ other core alone.
 from __future__ import annotations
 
 import io
+import math
 import random
 import time
 from pathlib import Path
@@ -488,6 +489,62 @@ def test_streamed_shards_train_exactly_like_whole_arrays(encoder, arrays, prefet
     assert ma["objective"] == mb["objective"]
     # the time spent waiting for batches is measured, and is a part of the training-step time
     assert 0 < b.data_s < b.train_s and mb["data_wait_frac"] == pytest.approx(b.data_s / b.train_s)
+
+
+def test_group_by_length_draws_the_same_rows_in_batches_with_less_padding(encoder, arrays):
+    """``group_by_length``: an epoch holds exactly the rows it holds without it, each batch of
+    rows of similar length, so the trimmed batches the step computes are narrower; the step runs."""
+    plain = make_engine(encoder, arrays, ["sentiment"], max_steps=4)
+    grouped = make_engine(encoder, arrays, ["sentiment"], max_steps=4, group_by_length=True)
+    per = plain.train_batches["sentiment"].stream.per_epoch
+    assert grouped.train_batches["sentiment"].stream.per_epoch == per
+
+    def epoch(engine):
+        batches = [engine.batch("sentiment", k) for k in range(per)]
+        rows = np.concatenate([engine.train_batches["sentiment"].stream.batch_indices(k) for k in range(per)])
+        return batches, sorted(rows.tolist())
+
+    (pb, prows), (gb, grows) = epoch(plain), epoch(grouped)
+    assert prows == grows
+    computed = [sum(ids.numel() for ids, _, _ in bs) for bs in (pb, gb)]
+    real = [sum(int(mask.sum()) for _, mask, _ in bs) for bs in (pb, gb)]
+    assert real[0] == real[1] and computed[1] < computed[0]
+    losses = grouped.train_step()
+    assert set(losses) == {"sentiment"} and math.isfinite(losses["sentiment"])
+    from mtl.config import TrainSpec
+
+    assert EngineConfig.from_train(TrainSpec(group_by_length=True)).group_by_length  # the YAML's train: reaches it
+    assert not EngineConfig.from_train(TrainSpec()).group_by_length
+
+
+def test_evaluation_batches_rows_by_length_and_keeps_every_pair(encoder, arrays):
+    """``evaluate_arrays`` runs rows in order of length, so its batches are trimmed to rows of
+    about their own length (fewer computed tokens than batches in row order), and gives the same
+    (prediction, reference) pairs as one row at a time, so the same metrics."""
+    from collections import Counter
+
+    from mtl.evaluation import evaluate_arrays
+
+    engine = make_engine(encoder, arrays, ["sentiment", "cities"])
+    engine.module.eval()
+    for task in ("sentiment", "cities"):
+        val = arrays[task]["validation"]
+        widths: list[tuple[int, int]] = []
+
+        def forward(ids, mask, task=task, widths=widths):
+            widths.append(tuple(ids.shape))
+            return engine.module({task: (ids, mask, None)}, logits=True)[task]
+
+        kind = engine.kinds[task]
+        preds, refs = evaluate_arrays(forward, kind, val, 16, engine.device)
+        assert [w for _, w in widths] == sorted(w for _, w in widths)  # shortest rows first
+        lengths = val["attention_mask"].sum(1)
+        in_row_order = sum(len(lengths[i:i + 16]) * int(lengths[i:i + 16].max()) for i in range(0, len(lengths), 16))
+        assert sum(b * w for b, w in widths) < in_row_order
+        one_p, one_r = evaluate_arrays(forward, kind, val, 1, engine.device)
+        key = (lambda x: tuple(x)) if task == "cities" else (lambda x: x)  # token tasks: a tag list per row
+        assert Counter(zip(map(key, preds), map(key, refs))) == Counter(zip(map(key, one_p), map(key, one_r)))
+        assert kind.metrics(preds, refs) == pytest.approx(kind.metrics(one_p, one_r))
 
 
 # ---------------------------------------------------------------------------- two processes
