@@ -162,6 +162,7 @@ def test_streamed_shards_are_disjoint_and_cover_the_split(ddp2):
         check_shards_cover_the_split(epoch_rows(tmp / "rows", task), [r["idx"] for r in data[task].rows("train")])
 
 
+@pytest.mark.extended  # the 2-worker FSDP fit is about 140 s; keeps make test near its 15-minute budget: .ci/run runs it
 def test_one_and_two_workers_agree_at_same_global_batch(ddp1, fsdp2_run):
     """``data_sharding: replicated``: 1 DDP worker and 2 FSDP workers take the same global batches
     (each worker takes rows[rank::2] of the same batch): over the first 30 steps the per-task
@@ -232,6 +233,7 @@ def fsdp2_run(synth, tmp_path_factory, ray_session):
     return run_training(cfg)
 
 
+@pytest.mark.extended  # shares the FSDP fit above (the engine's FSDP tests stay in make test)
 def test_fsdp_two_workers_learns(fsdp2_run):
     from mtl.model import MultiTaskModel
 
