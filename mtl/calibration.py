@@ -159,22 +159,14 @@ def task_events(model, tokenizer, task: str, rows: list[dict[str, Any]], batch_s
     """``task``'s logits and targets on reader rows (tokenized at the task's own max_length), in
     batches of rows of similar length (events are a set: their order does not matter)."""
     from mtl.encoding import encode_batch
-    from mtl.evaluation import trim
+    from mtl.evaluation import batches_by_length
 
     kind, info = model.kinds[task], model.tasks[task]
     device = next(model.parameters()).device
     model.eval()
-    batches = []
-    for start in range(0, len(rows), 4096):  # tokenized a block at a time, batched by length within it
-        chunk = rows[start:start + 4096]
-        arr = encode_batch(tokenizer, kind, [r["text"] for r in chunk], [r["label"] for r in chunk], info.max_length)
-        order = np.argsort(arr["attention_mask"].sum(1), kind="stable")
-        for b in range(0, len(order), batch_size):
-            sl = order[b:b + batch_size]
-            ids, mask, labels = (torch.as_tensor(arr[k][sl], device=device)
-                                 for k in ("input_ids", "attention_mask", "labels"))
-            ids, mask, labels = trim(ids, mask, labels)
-            batches.append((model(ids, mask, [task])[task], labels))
+    arrays = encode_batch(tokenizer, kind, [r["text"] for r in rows], [r["label"] for r in rows], info.max_length)
+    batches = [(model(ids, mask, [task])[task], labels)
+               for ids, mask, labels in batches_by_length(arrays, batch_size, device)]
     return events_from_batches(kind.name, batches)
 
 

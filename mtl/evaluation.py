@@ -32,37 +32,36 @@ def flatten_metrics(prefix: str, metrics: dict[str, dict[str, float]]) -> dict[s
     return {f"{prefix}/{t}/{m}": float(v) for t, d in metrics.items() for m, v in d.items()}
 
 
+def batches_by_length(arrays: dict[str, np.ndarray], batch_size: int, device: torch.device):
+    """``arrays``' rows as trimmed ``(ids, mask, labels)`` batches of ``batch_size``, in order of
+    length (stable): each batch is trimmed to rows of about its own length rather than to the
+    longest of ``batch_size`` rows in their stored order. For passes whose result is a function of
+    the rows, not of their order (metrics, calibration events)."""
+    order = np.argsort(np.asarray(arrays["attention_mask"]).sum(1), kind="stable")
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
+        yield trim(*(torch.as_tensor(arrays[k][rows], device=device) for k in ("input_ids", "attention_mask", "labels")))
+
+
 def evaluate_arrays(forward, kind: TaskKind, arrays: dict[str, np.ndarray], batch_size: int,
                     device: torch.device, n_batches: int | None = None) -> tuple[list, list]:
-    """Run ``forward(ids, mask) -> logits`` over ``arrays`` in batches; (predictions, references).
-    Rows go in order of length (stable), so each batch is trimmed to rows of about its own length
-    rather than to the longest of a random ``batch_size``: the same (prediction, reference) pairs,
-    listed in that order (every metric is a function of the pairs, not of their order).
-    ``n_batches`` forces that many forward calls (empty ones run on a dummy row and are dropped),
-    so every rank of a sharded model makes the same collective calls."""
-    n = len(arrays["input_ids"])
-    order = np.argsort(np.asarray(arrays["attention_mask"]).sum(1), kind="stable") if n else np.zeros(0, np.int64)
-    starts = list(range(0, n, batch_size))
-    total = max(len(starts), n_batches or 0)
+    """Run ``forward(ids, mask) -> logits`` over ``arrays`` in batches (``batches_by_length``);
+    (predictions, references): the same pairs as in row order, listed in length order (every
+    metric is a function of the pairs, not of their order). ``n_batches`` forces that many
+    forward calls (empty ones run on a dummy row and are dropped), so every rank of a sharded
+    model makes the same collective calls."""
     preds: list = []
     refs: list = []
-    for b in range(total):
-        if b < len(starts):
-            sl = order[starts[b]:starts[b] + batch_size]
-            ids, mask, labels = (torch.as_tensor(arrays[k][sl], device=device)
-                                 for k in ("input_ids", "attention_mask", "labels"))
-            dummy = False
-        else:  # keep collectives in step; the answer is discarded
-            ids = torch.zeros((1, 2), dtype=torch.long, device=device)
-            mask = torch.ones_like(ids)
-            labels, dummy = None, True
-        ids, mask, labels = trim(ids, mask, labels)
-        with torch.no_grad():
-            logits = forward(ids, mask)
-        if not dummy:
-            p, r = kind.gather(logits, labels)
+    calls = 0
+    with torch.no_grad():
+        for ids, mask, labels in batches_by_length(arrays, batch_size, device):
+            p, r = kind.gather(forward(ids, mask), labels)
             preds.extend(p)
             refs.extend(r)
+            calls += 1
+        for _ in range(calls, n_batches or 0):  # keep collectives in step; the answer is discarded
+            ids = torch.zeros((1, 2), dtype=torch.long, device=device)
+            forward(ids, torch.ones_like(ids))
     return preds, refs
 
 
